@@ -1,0 +1,13 @@
+"""numba_moe: Mixture-of-Experts expert dispatch over GGUF k-quant blocks.
+
+Loads one MoE layer of a GGUF model straight from the file's memory map,
+routes each token to its top-K experts and runs the experts with Numba
+kernels on the CPU (``@njit(parallel=True)``) or ``numba.cuda`` kernels on an
+NVIDIA GPU.
+"""
+from . import config, errors, profile
+from .errors import GGUFError, MoEError
+
+__version__ = "0.1.0"
+
+__all__ = ["config", "errors", "profile", "MoEError", "GGUFError"]

@@ -1,0 +1,142 @@
+"""Runtime knobs, parsed once from ``NUMBA_MOE_*`` environment variables.
+
+Every knob the library reads lives here; kernels and drivers take plain
+arguments and never look at the environment themselves.  A bad value is
+ignored with a warning that names the variable, and the default is kept.
+
+=========================  =================================================
+variable                   meaning
+=========================  =================================================
+``NUMBA_MOE_BLOCK_SIZE``   force ``pick_block_size`` to 8, 16, 32, 48 or 64
+``NUMBA_MOE_PROFILE``      ``1`` turns on the per-phase timers
+                           (:mod:`numba_moe.profile`)
+``NUMBA_MOE_PATH``         ``fast`` (default) or ``reference``: the CPU
+                           forward path ``MoELayer.__call__`` takes
+=========================  =================================================
+
+Launch sizes of the CUDA kernels live in :data:`CUDA_LAUNCH`, a mutable
+object so that tests under the CUDA simulator can shrink them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+from typing import Iterator, Mapping, Optional
+
+__all__ = ["Config", "parse_env", "get_config", "override", "CudaLaunch", "CUDA_LAUNCH",
+           "BLOCK_SIZES"]
+
+#: Block sizes ``moe_align_block_size`` accepts (the Marlin / vLLM tile heights).
+BLOCK_SIZES = (8, 16, 32, 48, 64)
+_PATHS = ("fast", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Parsed runtime knobs (see the module docstring)."""
+
+    block_size: Optional[int] = None
+    profile: bool = False
+    path: str = "fast"
+
+
+def _warn(name: str, value: str, expected: str) -> None:
+    warnings.warn(f"ignoring {name}={value!r}: expected {expected}", RuntimeWarning, stacklevel=3)
+
+
+def parse_env(environ: Mapping[str, str]) -> Config:
+    """Build a :class:`Config` from a mapping of environment variables.
+
+    Parameters
+    ----------
+    environ : mapping of str to str
+        Usually ``os.environ``; unknown names are ignored.
+
+    Returns
+    -------
+    Config
+        Defaults for every knob that is unset or malformed (malformed values
+        are reported with a ``RuntimeWarning`` naming the variable).
+    """
+    kw = {}
+    raw = environ.get("NUMBA_MOE_BLOCK_SIZE")
+    if raw is not None and raw != "":
+        try:
+            bs = int(raw)
+        except ValueError:
+            bs = None
+        if bs in BLOCK_SIZES:
+            kw["block_size"] = bs
+        else:
+            _warn("NUMBA_MOE_BLOCK_SIZE", raw, "one of 8, 16, 32, 48, 64")
+    raw = environ.get("NUMBA_MOE_PROFILE")
+    if raw is not None and raw != "":
+        if raw in ("0", "1"):
+            kw["profile"] = raw == "1"
+        else:
+            _warn("NUMBA_MOE_PROFILE", raw, "0 or 1")
+    raw = environ.get("NUMBA_MOE_PATH")
+    if raw is not None and raw != "":
+        if raw in _PATHS:
+            kw["path"] = raw
+        else:
+            _warn("NUMBA_MOE_PATH", raw, "'fast' or 'reference'")
+    return Config(**kw)
+
+
+_CONFIG: Optional[Config] = None
+
+
+def get_config() -> Config:
+    """The process-wide :class:`Config`, parsed from ``os.environ`` on first use."""
+    global _CONFIG
+    if _CONFIG is None:
+        _CONFIG = parse_env(os.environ)
+    return _CONFIG
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[Config]:
+    """Temporarily replace fields of the process-wide config (for tests).
+
+    Examples
+    --------
+    >>> with override(block_size=32):
+    ...     ...
+    """
+    global _CONFIG
+    old = get_config()
+    _CONFIG = dataclasses.replace(old, **changes)
+    try:
+        yield _CONFIG
+    finally:
+        _CONFIG = old
+
+
+@dataclasses.dataclass
+class CudaLaunch:
+    """Launch sizes of the CUDA kernels; tests under the simulator shrink them.
+
+    Attributes
+    ----------
+    threads : int
+        Threads per block of the element-wise kernels (gather, act, combine).
+    scan_threads : int
+        Threads of the single-block scan that builds the plan on the device.
+    gemv_warps : int
+        Warps per block of the quantized GEMV kernels (one output row a warp).
+    tile_m, tile_n : int
+        Output tile of the tiled (large-T) grouped GEMM.
+    """
+
+    threads: int = 256
+    scan_threads: int = 1024
+    gemv_warps: int = 8
+    tile_m: int = 64
+    tile_n: int = 64
+
+
+#: The launch sizes every CUDA wrapper reads.
+CUDA_LAUNCH = CudaLaunch()
