@@ -12,6 +12,8 @@ variable                   meaning
                            (:mod:`numba_moe.profile`)
 ``NUMBA_MOE_PATH``         ``fast`` (default) or ``reference``: the CPU
                            forward path ``MoELayer.__call__`` takes
+``NUMBA_MOE_CACHE_DIR``    where the embedded default model file is written
+                           (default ``~/.cache/numba_moe``)
 =========================  =================================================
 
 Launch sizes of the CUDA kernels live in :data:`CUDA_LAUNCH`, a mutable
@@ -40,6 +42,7 @@ class Config:
     block_size: Optional[int] = None
     profile: bool = False
     path: str = "fast"
+    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "numba_moe")
 
 
 def _warn(name: str, value: str, expected: str) -> None:
@@ -83,6 +86,9 @@ def parse_env(environ: Mapping[str, str]) -> Config:
             kw["path"] = raw
         else:
             _warn("NUMBA_MOE_PATH", raw, "'fast' or 'reference'")
+    raw = environ.get("NUMBA_MOE_CACHE_DIR")
+    if raw:
+        kw["cache_dir"] = os.path.expanduser(raw)
     return Config(**kw)
 
 
