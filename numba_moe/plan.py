@@ -172,6 +172,41 @@ def _align_from_plan(expert_offsets, pair_of_slot, num_pairs, block_size, padded
     _fill_blocks(padded, block_size, block_expert_ids)
 
 
+@njit(cache=True)
+def _reading(arr, total):
+    """How ``arr`` [n] int64 describes ``total`` pairs: 1 counts, 2 offsets, 0 neither."""
+    s = 0
+    nonneg = True
+    for i in range(arr.shape[0]):
+        s += arr[i]
+        if arr[i] < 0:
+            nonneg = False
+    if nonneg and s == total:
+        return 1
+    if arr.shape[0] == 0 or arr[0] != 0 or arr[arr.shape[0] - 1] != total:
+        return 0
+    for i in range(1, arr.shape[0]):
+        if arr[i] < arr[i - 1]:
+            return 0
+    return 2
+
+
+@njit(cache=True)
+def _pick(arr, as_offsets, total):
+    """Largest candidate block whose padded total fits the budget, else 16."""
+    for bs in _CANDIDATES:
+        padded = 0
+        if as_offsets:
+            for e in range(arr.shape[0] - 1):
+                padded += (arr[e + 1] - arr[e] + bs - 1) // bs * bs
+        else:
+            for e in range(arr.shape[0]):
+                padded += (arr[e] + bs - 1) // bs * bs
+        if padded * _BUDGET_DEN <= total * _BUDGET_NUM:
+            return bs
+    return _DEFAULT_BLOCK
+
+
 # --------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------
@@ -439,19 +474,6 @@ def moe_align_block_size(expert_ids, num_experts: int, block_size: int) -> Align
     return AlignedRouting(sorted_ids, blocks, total)
 
 
-def _as_counts(arr: np.ndarray, total: int) -> np.ndarray:
-    """Read ``arr`` as per-expert counts, or else as offsets (see pick_block_size)."""
-    a = arr.astype(np.int64)
-    if a.min(initial=0) >= 0 and int(a.sum()) == total:
-        return a
-    if a.size >= 1 and a[0] == 0 and int(a[-1]) == total and bool(np.all(a[1:] >= a[:-1])):
-        return np.diff(a)
-    raise MoEError(
-        f"expert_offsets_or_counts must be non-negative counts [E] summing to total_pairs="
-        f"{total}, or offsets [E+1] rising from 0 to {total}; got {a.size} entries "
-        f"summing to {int(a.sum())}")
-
-
 def pick_block_size(expert_offsets_or_counts, total_pairs: int) -> int:
     """Choose the tile height of the grouped expert GEMM.
 
@@ -482,14 +504,16 @@ def pick_block_size(expert_offsets_or_counts, total_pairs: int) -> int:
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise MoEError(f"expert_offsets_or_counts must be a 1-D integer array, got "
                        f"shape {arr.shape} dtype {arr.dtype}")
-    counts = _as_counts(arr, total)
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    reading = _reading(arr, total)
+    if reading == 0:
+        raise MoEError(
+            f"expert_offsets_or_counts must be non-negative counts [E] summing to "
+            f"total_pairs={total}, or offsets [E+1] rising from 0 to {total}; got "
+            f"{arr.size} entries summing to {int(arr.sum())}")
     forced = config.get_config().block_size
     if forced is not None:
         return forced
     if total == 0:
         return _DEFAULT_BLOCK
-    for bs in _CANDIDATES:
-        padded = int(((counts + (bs - 1)) // bs).sum()) * bs
-        if padded * _BUDGET_DEN <= total * _BUDGET_NUM:
-            return bs
-    return _DEFAULT_BLOCK
+    return int(_pick(arr, reading == 2, total))

@@ -135,6 +135,34 @@ def _select_groups(sel, n_group, topk_group, gscore):
 
 
 @njit(cache=True)
+def _top_k(sel, top_k, ids, vals):
+    """The ``top_k`` largest of the NaN-free ``sel`` into ``ids`` / ``vals``.
+
+    Keeps ``(ids, vals)`` sorted by descending value, ties by ascending index
+    (the result of repeated argmax with ties to the lower index).  One pass:
+    an expert enters only if it beats the current K-th value strictly, so
+    ties keep the lower index, and the first K experts fill the buffer even
+    at ``-inf``, so every id is valid.
+    """
+    count = 0
+    for e in range(sel.shape[0]):
+        v = sel[e]
+        if count == top_k:
+            if not v > vals[top_k - 1]:
+                continue
+            j = top_k - 1
+        else:
+            j = count
+            count += 1
+        while j > 0 and v > vals[j - 1]:
+            vals[j] = vals[j - 1]
+            ids[j] = ids[j - 1]
+            j -= 1
+        vals[j] = v
+        ids[j] = e
+
+
+@njit(cache=True)
 def _route_row(x, bias, gating, top_k, norm, n_group, topk_group, scale,
                ids, weights, probs, sel, gscore):
     """Route one token: logits ``x`` [E] -> ``ids`` [K], ``weights`` [K].
@@ -149,20 +177,8 @@ def _route_row(x, bias, gating, top_k, norm, n_group, topk_group, scale,
         sel[e] = v if v == v else np.float32(-np.inf)
     if n_group > 1:
         _select_groups(sel, n_group, topk_group, gscore)
-    for k in range(top_k):
-        best = -1
-        bv = np.float32(-np.inf)
-        for e in range(n):
-            v = sel[e]
-            if v != v:
-                continue
-            # the first unused index is taken even at -inf: ids stay in range
-            if best < 0 or v > bv:
-                best = e
-                bv = v
-        ids[k] = best
-        # NaN marks a chosen expert (scores were made NaN-free above)
-        sel[best] = np.nan
+    # the weights row holds the selection scores until the weights replace them
+    _top_k(sel, top_k, ids, weights)
     if gating == _SOFTMAX_WEIGHT:
         # the chosen logits are in descending order unless NaN, so take the max
         m = -np.inf
@@ -188,16 +204,41 @@ def _route_row(x, bias, gating, top_k, norm, n_group, topk_group, scale,
             weights[k] = np.float64(probs[ids[k]]) / s * scale
 
 
+@njit(cache=True)
+def _route_token(t, logits, bias, gating, top_k, norm, n_group, topk_group, scale,
+                 out_ids, out_weights, scratch):
+    """Route token ``t``, slicing its scratch row into probs / scores / groups."""
+    n = logits.shape[1]
+    row = scratch[t]
+    _route_row(logits[t], bias, gating, top_k, norm, n_group, topk_group, scale,
+               out_ids[t], out_weights[t], row[:n], row[n:2 * n], row[2 * n:2 * n + n_group])
+
+
 @njit(parallel=True, cache=True)
-def _route_kernel(logits, bias, gating, top_k, norm, n_group, topk_group, scale,
+def _route_parallel(logits, bias, gating, top_k, norm, n_group, topk_group, scale,
+                    out_ids, out_weights, scratch):
+    """Route every token of ``logits`` [T, E], one token per prange iteration.
+
+    Arguments as :func:`route_into` after validation: ``bias`` float32 [E] or
+    [0] for none, ``gating`` a :data:`GATINGS` code, ``scale`` float64.
+    """
+    for t in prange(logits.shape[0]):
+        _route_token(t, logits, bias, gating, top_k, norm, n_group, topk_group, scale,
+                     out_ids, out_weights, scratch)
+
+
+@njit(cache=True)
+def _route_serial(logits, bias, gating, top_k, norm, n_group, topk_group, scale,
                   out_ids, out_weights, scratch):
-    """Route every token of ``logits`` [T, E] in parallel (see :func:`route_into`)."""
-    n_tok, n = logits.shape
-    for t in prange(n_tok):
-        row = scratch[t]
-        _route_row(logits[t], bias, gating, top_k, norm, n_group, topk_group, scale,
-                   out_ids[t], out_weights[t],
-                   row[:n], row[n:2 * n], row[2 * n:2 * n + n_group])
+    """:func:`_route_parallel` on the calling thread, for small batches."""
+    for t in range(logits.shape[0]):
+        _route_token(t, logits, bias, gating, top_k, norm, n_group, topk_group, scale,
+                     out_ids, out_weights, scratch)
+
+
+# A token costs about 15 ns per expert; waking the worker threads costs more
+# than that below about 16k logits (T=128 at E=128), so decode stays serial.
+_PARALLEL_MIN_LOGITS = 16384
 
 
 # --------------------------------------------------------------------------
@@ -369,8 +410,8 @@ def _launch(logits, params, ids, weights, scratch) -> None:
     top_k, norm, gating, bias, n_group, topk_group, scale = params
     if logits.shape[0] == 0:
         return
-    _route_kernel(logits, bias, gating, top_k, norm, n_group, topk_group, scale,
-                  ids, weights, scratch)
+    kernel = _route_parallel if logits.size >= _PARALLEL_MIN_LOGITS else _route_serial
+    kernel(logits, bias, gating, top_k, norm, n_group, topk_group, scale, ids, weights, scratch)
 
 
 def _as_logits(logits, copy_ok: bool) -> np.ndarray:

@@ -362,3 +362,21 @@ def test_route_into_rejects_bad_buffers():
         nm.route_into(logits.astype(np.float64), ids, w, scratch, 2)
     with pytest.raises(MoEError, match="logits"):
         nm.route_into(np.ones((4, 16), np.float32)[:, ::2], ids, w, scratch, 2)
+
+
+def test_parallel_and_serial_drivers_agree():
+    from numba_moe import routing
+    rng = np.random.default_rng(11)
+    n_tok, n, k = 160, 128, 8
+    assert n_tok * n >= routing._PARALLEL_MIN_LOGITS      # route() takes the parallel driver
+    logits = rng.integers(-4, 5, size=(n_tok, n)).astype(np.float32)
+    logits[::7] += rng.standard_normal((len(logits[::7]), n)).astype(np.float32)
+    logits[3, 10] = np.nan
+    out = check(logits, k, gating="sigmoid", n_group=4, topk_group=2, scale=1.5)
+    ids = np.full((n_tok, k), -1, dtype=np.int32)
+    w = np.full((n_tok, k), np.nan, dtype=np.float32)
+    scratch = np.full(route_scratch_shape(n_tok, n, 4), np.nan, dtype=np.float32)
+    routing._route_serial(logits, routing._NO_BIAS, routing.GATINGS["sigmoid"], k, True, 4, 2,
+                          1.5, ids, w, scratch)
+    np.testing.assert_array_equal(ids, out.expert_ids)
+    np.testing.assert_array_equal(w, out.expert_weights)
