@@ -236,8 +236,10 @@ def _route_serial(logits, bias, gating, top_k, norm, n_group, topk_group, scale,
                      out_ids, out_weights, scratch)
 
 
-# A token costs about 15 ns per expert; waking the worker threads costs more
-# than that below about 16k logits (T=128 at E=128), so decode stays serial.
+# A token costs about 15 ns per expert on one thread.  A parallel region costs
+# microseconds to start, and milliseconds when another process holds a core
+# (the join waits for a scheduler slice), so only batches of at least 16k
+# logits (T=128 at E=128) go parallel; decode stays on the calling thread.
 _PARALLEL_MIN_LOGITS = 16384
 
 
