@@ -286,15 +286,15 @@ def dequantize(data, qtype):
 
 
 def _dequantize_fallback(blocks, qt, out_shape):
-    if qt not in _FALLBACK_WARNED:
-        _FALLBACK_WARNED.add(qt)
-        warnings.warn(
-            f"numba_moe.quants: no native kernel for {qt.name}; dequantizing through "
-            f"gguf.quants (slow path, float32 result)",
-            stacklevel=3,
-        )
     try:
         out = gguf.quants.dequantize(blocks, qt)
     except NotImplementedError as exc:
         raise MoEError(f"qtype: {qt.name} cannot be dequantized (gguf.quants: {exc})") from None
+    if qt not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(qt)
+        warnings.warn(
+            f"numba_moe.quants: no native kernel for {qt.name}; dequantized through "
+            f"gguf.quants (slow path, float32 result)",
+            stacklevel=3,
+        )
     return np.asarray(out, dtype=np.float32).reshape(out_shape)
