@@ -9,9 +9,11 @@ from . import config, errors, profile
 from .errors import GGUFError, MoEError
 from .routing import RouterOutput, route, route_into
 from .plan import AlignedRouting, BucketPlan, moe_align_block_size, pick_block_size
+from . import quants
 
 __version__ = "0.1.0"
 
 __all__ = ["config", "errors", "profile", "MoEError", "GGUFError"]
 __all__ += ["route", "route_into", "RouterOutput", "BucketPlan", "moe_align_block_size",
             "AlignedRouting", "pick_block_size"]
+__all__ += ["quants"]
