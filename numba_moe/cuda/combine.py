@@ -1,0 +1,105 @@
+"""Weighted combine of the expert rows back into token order, on the device.
+
+``out[t] = sum_k w[t, k] * rows[pairs_by_token[t * K + k]]`` (+ the shared
+expert's row), accumulated in float32 in k order and *assigned* to ``out``
+(stale contents never leak in).  The shared expert's weight is 1, or
+``sigmoid(logits[t, E])`` when the router matrix carries the shared gate as
+its extra row (qwen2moe).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from ..errors import MoEError
+from .primitives import load4
+
+__all__ = ["launch_combine", "combine", "SHARED_NONE", "SHARED_PLAIN", "SHARED_GATED"]
+
+SHARED_NONE = 0
+SHARED_PLAIN = 1
+SHARED_GATED = 2
+
+
+@cuda.jit
+def _combine_kernel(rows, pairs_by_token, weights, top_k, width, shared_mode, sh_rows,
+                    logits, lstride, lcol, out):
+    """Thread owns 4 consecutive columns of token ``blockIdx.y``."""
+    t = cuda.blockIdx.y
+    h = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) * 4
+    if h >= width:
+        return
+    a0 = float32(0)
+    a1 = float32(0)
+    a2 = float32(0)
+    a3 = float32(0)
+    for k in range(top_k):
+        p = t * top_k + k
+        w = weights[p]
+        v0, v1, v2, v3 = load4(rows, pairs_by_token[p] * width + h)
+        a0 += w * v0
+        a1 += w * v1
+        a2 += w * v2
+        a3 += w * v3
+    if shared_mode != SHARED_NONE:
+        sw = float32(1)
+        if shared_mode == SHARED_GATED:
+            sw = float32(1) / (float32(1) + math.exp(-logits[t * lstride + lcol]))
+        v0, v1, v2, v3 = load4(sh_rows, t * width + h)
+        a0 += sw * v0
+        a1 += sw * v1
+        a2 += sw * v2
+        a3 += sw * v3
+    o = t * width + h
+    out[o] = a0
+    out[o + 1] = a1
+    out[o + 2] = a2
+    out[o + 3] = a3
+
+
+def launch_combine(rows, pairs_by_token, weights, n_tok, top_k, width, shared_mode, sh_rows,
+                   logits, lstride, lcol, out, threads, stream):
+    """Launch the combine kernel on flat device buffers (no checks, no allocation)."""
+    grid = (-(-width // (4 * threads)), n_tok)
+    _combine_kernel[grid, threads, stream](rows, pairs_by_token, weights, top_k, width,
+                                           shared_mode, sh_rows, logits, lstride, lcol, out)
+
+
+def combine(rows, pairs_by_token, expert_weights, stream=0):
+    """Combine expert output rows into token order on the GPU (no shared expert).
+
+    Parameters
+    ----------
+    rows : float32 (P, W), numpy or device
+        Expert output rows by slot; W a multiple of 4.
+    pairs_by_token : int32 (T, K), numpy or device
+        Slot of each pair, a permutation of ``range(P)``, ``P = T * K``.
+    expert_weights : float32 (T, K), numpy or device
+    stream : numba stream, optional
+
+    Returns
+    -------
+    device float32 (T, W)
+    """
+    from ..config import CUDA_LAUNCH
+    from .arrays import as_device_2d
+
+    d_rows = as_device_2d("rows", rows, np.float32, stream)
+    d_pbt = as_device_2d("pairs_by_token", pairs_by_token, np.int32, stream)
+    d_w = as_device_2d("expert_weights", expert_weights, np.float32, stream)
+    n_tok, top_k = d_pbt.shape
+    if d_w.shape != (n_tok, top_k):
+        raise MoEError(f"expert_weights must have shape {(n_tok, top_k)}, got {d_w.shape}")
+    n_rows, width = d_rows.shape
+    if n_rows != n_tok * top_k or width % 4:
+        raise MoEError(f"rows must have shape ({n_tok * top_k}, W) with W a multiple of 4, "
+                       f"got {d_rows.shape}")
+    out = cuda.device_array((n_tok, width), np.float32, stream=stream)
+    if n_tok:
+        flat_rows = d_rows.reshape(d_rows.size)
+        launch_combine(flat_rows, d_pbt.reshape(d_pbt.size), d_w.reshape(d_w.size), n_tok,
+                       top_k, width, SHARED_NONE, flat_rows, d_w.reshape(d_w.size), 0, 0,
+                       out.reshape(out.size), CUDA_LAUNCH.threads, stream)
+    return out

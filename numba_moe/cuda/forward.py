@@ -1,0 +1,288 @@
+"""The MoE layer forward on the GPU, device-resident from router to output.
+
+``MoELayer.to("cuda")`` calls :func:`upload` once (raw blocks to the
+device, :mod:`.weights`); ``MoELayer.__call__(x, device="cuda")`` calls
+:func:`moe_forward_cuda`.  One forward of T tokens is
+
+    router GEMV/GEMM -> top-k -> plan -> gate/up (+SiLU) -> down
+    [-> shared expert gate/up, down] -> combine
+
+with no host round trip and no allocation once the scratch buffers fit T
+(they grow to the largest T seen).  The launches for each T are captured
+into a CUDA graph after one eager warm-up run and replayed afterwards
+(:mod:`.graph`).
+
+Kernel choice per T: when the average number of tokens per expert
+(``T * K / E``; ``T`` for the router and the shared expert) is at most
+``CUDA_LAUNCH.gemv_max_tokens``, the GEMV kernel (weights read once per 8
+tokens of an expert); otherwise the tiled kernel.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import cuda
+
+from .. import profile
+from ..config import CUDA_LAUNCH, get_config
+from ..errors import MoEError
+from ..routing import _check_params
+from .arrays import device_view, is_device_array
+from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
+from .graph import CapturedGraph
+from .matmul import launch_expert_gemm
+from .plan import DevicePlan, empty_plan, launch_plan, plan_capacity
+from .primitives import SIMULATOR
+from .routing import MAX_TOP_K, launch_topk
+from .weights import upload_dense, upload_gate_up, upload_weights
+
+__all__ = ["CudaMoE", "upload", "moe_forward_cuda"]
+
+# meta[1] of the identity plan: "every launched block is inside the padded run".
+_NO_LIMIT = 2**31 - 1
+
+
+def upload(layer) -> "CudaMoE":
+    """Upload ``layer``'s router and expert blocks to the current device.
+
+    Parameters
+    ----------
+    layer : numba_moe.layer.MoELayer
+
+    Returns
+    -------
+    CudaMoE
+        The device state the lead's ``MoELayer.to("cuda")`` keeps in
+        ``layer._cuda``.
+
+    Raises
+    ------
+    MoEError
+        Shapes the CUDA kernels cannot run (H or I not a multiple of 32,
+        K > 32).
+    """
+    return CudaMoE(layer)
+
+
+def moe_forward_cuda(layer, x, out=None):
+    """Run ``layer`` on hidden states ``x`` on the GPU.
+
+    Parameters
+    ----------
+    layer : numba_moe.layer.MoELayer
+        Uploaded on first use (``layer.to("cuda")``).
+    x : float32 [T, H], C-contiguous
+        numpy (copied in, the result copied back to a new numpy array) or any
+        ``__cuda_array_interface__`` array (numba, CuPy, torch), read on the
+        device (one device-to-device copy into the layer's input buffer).
+    out : __cuda_array_interface__ float32 [T, H], optional
+        Device destination for a device ``x``.
+
+    Returns
+    -------
+    numpy.ndarray or numba DeviceNDArray, float32 [T, H]
+        numpy for numpy ``x``.  For a device ``x``: ``out`` if given, else a
+        view of the layer's own output buffer, valid until the next call on
+        this layer (copy it to keep it).
+
+    Raises
+    ------
+    MoEError
+        Wrong type, dtype, shape, layout or alignment of ``x`` / ``out``.
+
+    Notes
+    -----
+    NaN/Inf in ``x`` propagate to the rows of the affected tokens (and the
+    router may then pick experts 0..K-1 for them, as on the CPU).
+    """
+    if layer._cuda is None:
+        layer.to("cuda")
+    return layer._cuda.forward(x, out)
+
+
+def _identity_plan(cap: int, block_size: int, stream) -> DevicePlan:
+    """A plan with one expert owning slots 0..cap-1 (slot = token); forwards
+    pass the real T as ``num_pairs``, which clamps it."""
+    n_sorted, n_blocks = plan_capacity(cap, 1, block_size)
+    ar = np.arange(max(cap, n_sorted), dtype=np.int32)
+    dev = lambda a: cuda.to_device(np.ascontiguousarray(a, dtype=np.int32), stream=stream)  # noqa: E731
+    return DevicePlan(dev([0, cap]), dev(ar[:cap]), dev(ar[:cap]), dev([0]),
+                      dev([1, _NO_LIMIT]), dev(ar[:n_sorted]), dev(np.zeros(n_blocks)))
+
+
+class _Buffers:
+    """Scratch for up to ``cap`` tokens (flat float32 / int32 device arrays)."""
+
+    def __init__(self, st: "CudaMoE", cap: int, stream):
+        e, k, h, i = st.num_experts, st.top_k, st.hidden, st.inter
+        p = cap * k
+        f32 = lambda n: cuda.device_array(max(n, 1), np.float32, stream=stream)  # noqa: E731
+        self.cap = cap
+        self.x = f32(cap * h)
+        self.out = f32(cap * h)
+        self.logits = f32(cap * st.lstride)
+        self.ids = cuda.device_array(p, np.int32, stream=stream)
+        self.weights = f32(p)
+        self.plan = empty_plan(p, e, st.block_size, stream)
+        self.ident = _identity_plan(cap, st.block_size, stream)
+        self.act = f32(p * i)
+        self.rows = f32(p * h)
+        if st.shared is not None:
+            self.sh_act = f32(cap * st.shared[0].rows)
+            self.sh_rows = f32(cap * h)
+        else:
+            self.sh_act = self.sh_rows = self.out
+
+
+class CudaMoE:
+    """Device state of one MoE layer: weights, scratch, captured graphs.
+
+    Build it with :func:`upload`.  Calls are serialised by a lock (the
+    scratch is shared).
+    """
+
+    def __init__(self, layer):
+        e, k = layer.num_experts, layer.top_k
+        self.params = _check_params(e, k, layer.norm_topk_prob, layer.gating,
+                                    layer.selection_bias, layer.n_group, layer.topk_group,
+                                    layer.routed_scale)
+        if k > MAX_TOP_K:
+            raise MoEError(f"top_k={k}: the CUDA path supports K <= {MAX_TOP_K}")
+        for t in layer.expert_tensors:
+            if t.cols % 32:
+                raise MoEError(f"{t.name}: the CUDA path needs rows of a multiple of 32 "
+                               f"values, got {t.cols}")
+        self.num_experts, self.top_k = e, k
+        self.hidden, self.inter = layer.hidden_size, layer.expert_intermediate
+        self.block_size = CUDA_LAUNCH.tile_m
+        self.stream = cuda.stream()
+        s = self.stream
+        router = np.asarray(layer.router, dtype=np.float32)
+        sh = layer.shared
+        gated = sh is not None and sh.gate_inp is not None
+        if gated:
+            router = np.concatenate([router, np.asarray(sh.gate_inp, np.float32)[None]], axis=0)
+        self.lstride = router.shape[0]
+        self.shared_mode = SHARED_NONE if sh is None else (SHARED_GATED if gated else SHARED_PLAIN)
+        self.router = upload_dense("router", router[None], s)
+        self.gate, self.up = upload_gate_up(layer.gate, layer.up, s)
+        self.down = upload_weights(layer.down, s)
+        self.shared = None
+        if sh is not None:
+            self.shared = (*upload_gate_up(sh.gate, sh.up, s), upload_weights(sh.down, s))
+        bias = self.params[3]
+        self.bias = cuda.to_device(bias if bias.shape[0] else np.zeros(1, np.float32), stream=s)
+        self.buffers = None
+        self.graphs = {}
+        self.lock = threading.Lock()
+        s.synchronize()
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the uploaded weights."""
+        ws = [self.router, self.gate, self.up, self.down] + list(self.shared or ())
+        return sum(w.nbytes for w in ws)
+
+    # -- per call -----------------------------------------------------------
+
+    def forward(self, x, out=None):
+        """See :func:`moe_forward_cuda`."""
+        h = self.hidden
+        on_device = is_device_array(x)
+        if on_device:
+            x = device_view(x)
+        elif not isinstance(x, np.ndarray):
+            raise MoEError(f"x: expected a numpy array or a __cuda_array_interface__ array "
+                           f"(float32 [T, {h}]), got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise MoEError(f"x: expected dtype float32, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != h:
+            raise MoEError(f"x: expected shape [T, {h}], got {list(x.shape)}")
+        n_tok = x.shape[0]
+        if n_tok < 1:
+            raise MoEError("x: expected at least one token (T >= 1), got T=0")
+        if not x.flags["C_CONTIGUOUS"]:
+            raise MoEError("x: expected a C-contiguous array")
+        if out is not None:
+            if not on_device:
+                raise MoEError("out: only for a device x (a numpy x returns a new numpy array)")
+            out = device_view(out) if is_device_array(out) else None
+            if out is None or out.dtype != np.float32 or tuple(out.shape) != (n_tok, h) \
+                    or not out.flags["C_CONTIGUOUS"]:
+                raise MoEError(f"out: expected a C-contiguous float32 device array of shape "
+                               f"[{n_tok}, {h}]")
+        with self.lock:
+            buf = self._buffers_for(n_tok)
+            xin = buf.x[:n_tok * h]
+            # into the layer's own buffer: the captured graphs read fixed addresses
+            xin.copy_to_device(x.reshape(n_tok * h), stream=self.stream)
+            self._run(n_tok)
+            res = buf.out[:n_tok * h].reshape(n_tok, h)
+            if not on_device:
+                host = res.copy_to_host(stream=self.stream)
+                self.stream.synchronize()
+                return host
+            if out is not None:
+                out.copy_to_device(res, stream=self.stream)
+                self.stream.synchronize()
+                return out
+            self.stream.synchronize()
+            return res
+
+    def _buffers_for(self, n_tok: int) -> _Buffers:
+        if self.buffers is None or self.buffers.cap < n_tok:
+            # new addresses: every captured graph points at the old buffers
+            self.graphs.clear()
+            self.buffers = None
+            self.buffers = _Buffers(self, n_tok, self.stream)
+        return self.buffers
+
+    def _run(self, n_tok: int) -> None:
+        profiling = get_config().profile
+        if SIMULATOR or profiling or not CUDA_LAUNCH.graphs:
+            self._launch_all(n_tok, profiling)
+            return
+        graph = self.graphs.get(n_tok)
+        if graph is None:
+            # eager warm-up (compiles and loads every kernel; gives this call's result)
+            self._launch_all(n_tok, False)
+            self.graphs[n_tok] = CapturedGraph(self.stream, lambda: self._launch_all(n_tok, False))
+            return
+        graph.replay()
+
+    def _launch_all(self, n_tok: int, profiling: bool) -> None:
+        b = self.buffers
+        s = self.stream
+        e, k = self.num_experts, self.top_k
+        p = n_tok * k
+        lim = CUDA_LAUNCH.gemv_max_tokens
+        small = p <= lim * e
+        ident_small = n_tok <= lim
+        m_blocks = plan_capacity(p, e, self.block_size)[1]
+        m_ident = -(-n_tok // self.block_size)
+        sync = s.synchronize if profiling else None
+        with profile.phase("route", sync):
+            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits, ident_small)
+            launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
+                        b.weights, CUDA_LAUNCH.topk_warps, s)
+        with profile.phase("plan", sync):
+            launch_plan(b.ids, p, k, e, self.block_size, b.plan, CUDA_LAUNCH.scan_threads, s)
+        with profile.phase("gemm1", sync):
+            self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small)
+        with profile.phase("gemm2", sync):
+            self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small)
+        if self.shared is not None:
+            with profile.phase("shared", sync):
+                sg, su, sd = self.shared
+                self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, ident_small)
+                self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows, ident_small)
+        with profile.phase("combine", sync):
+            launch_combine(b.rows, b.plan.pairs_by_token, b.weights, n_tok, k, self.hidden,
+                           self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
+                           CUDA_LAUNCH.threads, s)
+
+    def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
+              num_pairs: int, top_k: int, out, small: bool) -> None:
+        launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
+                           small, self.stream)

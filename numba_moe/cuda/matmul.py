@@ -1,0 +1,112 @@
+"""Launching the grouped expert GEMMs of :mod:`.gemm`, and their test-facing wrapper."""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ..config import CUDA_LAUNCH
+from ..errors import MoEError
+from ..experts import ExpertTensor
+from .gemm import gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
+from .plan import DevicePlan, plan_capacity, plan_device
+from .weights import DeviceWeights, upload_gate_up, upload_weights
+
+__all__ = ["launch_expert_gemm", "expert_gemm"]
+
+
+def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
+                       m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
+                       stream) -> None:
+    """Enqueue one grouped GEMM (no checks, no allocation).
+
+    Parameters
+    ----------
+    w, v : DeviceWeights
+        Gate (or the only) weights, and the up weights for ``gate_up`` mode
+        (``v`` None: plain mode).
+    x : device float32, flat
+        Token rows (gate_up; gathered through the plan) or slot rows (plain).
+    plan : DevicePlan
+    expert_slots : int
+        Bound on the active experts (GEMV grid).
+    m_blocks : int
+        Bound on the padded row blocks (tiled grid).
+    num_pairs, top_k : int
+        P (pair indices >= P are padding; slots clamp to P) and K.
+    out : device float32, flat ``[P, rows]``
+    small : bool
+        GEMV kernel (True) or tiled kernel (False).
+    """
+    gate_up = v is not None
+    vplanes = v.planes if gate_up else w.planes
+    if small:
+        warps = CUDA_LAUNCH.gemv_warps
+        kern = gemv_kernel(w.info, gate_up, warps)
+        segw, row_blocks = gemv_layout(w.rows, w.chunks, gate_up, warps)
+        kern[(expert_slots, row_blocks), 32 * warps, stream](
+            *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, x, num_pairs,
+            plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
+    else:
+        bm, bn = CUDA_LAUNCH.tile_m, CUDA_LAUNCH.tile_n
+        kern = tiled_kernel(w.info, gate_up, bm, bn)
+        threads, n_blocks = tiled_layout(w.rows, bm, bn)
+        kern[(m_blocks, n_blocks), threads, stream](
+            *w.planes, *vplanes, w.nb, w.chunks, w.rows, x, num_pairs, top_k,
+            plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
+
+
+def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0):
+    """Grouped expert GEMM on the GPU, by slot of the routing's plan.
+
+    Parameters
+    ----------
+    weights : ExpertTensor or DeviceWeights, shape (E, R, C)
+        Gate weights in ``gate_up`` mode, else the only weights.
+    x : float32, numpy or device
+        ``gate_up`` mode: token rows (T, C).  Plain mode: slot rows (T*K, C).
+    expert_ids : int32 (T, K), numpy
+        The routing; slots follow :class:`numba_moe.BucketPlan`.
+    up : ExpertTensor or DeviceWeights, optional
+        Up weights: the result is ``silu(gate . x) * (up . x)``.
+    kernel : {'gemv', 'tiled'}
+    stream : numba stream, optional
+
+    Returns
+    -------
+    device float32 (T*K, R)
+        Row ``slot`` holds the product for the pair in that slot.
+
+    Raises
+    ------
+    MoEError
+        Mismatched shapes, bad ids, unknown ``kernel``.
+    """
+    from .arrays import as_device_2d
+
+    if kernel not in ("gemv", "tiled"):
+        raise MoEError(f"kernel must be 'gemv' or 'tiled', got {kernel!r}")
+    if isinstance(weights, ExpertTensor) and isinstance(up, ExpertTensor):
+        w, v = upload_gate_up(weights, up, stream)
+    else:
+        w = upload_weights(weights, stream) if isinstance(weights, ExpertTensor) else weights
+        v = upload_weights(up, stream) if isinstance(up, ExpertTensor) else up
+    if not isinstance(w, DeviceWeights) or (v is not None and not isinstance(v, DeviceWeights)):
+        raise MoEError("weights and up must be ExpertTensor or DeviceWeights")
+    if v is not None and (v.shape, v.qtype) != (w.shape, w.qtype):
+        raise MoEError(f"up {v.name} must match gate {w.name} in shape and type")
+    ids = np.asarray(expert_ids)
+    if ids.ndim != 2:
+        raise MoEError(f"expert_ids must be 2-D (T, K), got shape {ids.shape}")
+    n_tok, top_k = ids.shape
+    p = n_tok * top_k
+    d_x = as_device_2d("x", x, np.float32, stream)
+    want = (n_tok if v is not None else p, w.cols)
+    if tuple(d_x.shape) != want:
+        raise MoEError(f"x must have shape {want}, got {tuple(d_x.shape)}")
+    plan = plan_device(ids, w.num_experts, CUDA_LAUNCH.tile_m, stream)
+    out = cuda.device_array((p, w.rows), np.float32, stream=stream)
+    if p:
+        m_blocks = plan_capacity(p, w.num_experts, CUDA_LAUNCH.tile_m)[1]
+        launch_expert_gemm(w, v, d_x.reshape(d_x.size), plan, min(w.num_experts, p), m_blocks,
+                           p, top_k, out.reshape(out.size), kernel == "gemv", stream)
+    return out

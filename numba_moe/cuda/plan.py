@@ -1,0 +1,186 @@
+"""Dispatch plan on the device: BucketPlan and moe_align_block_size in one kernel.
+
+Same result as :class:`numba_moe.BucketPlan` and
+:func:`numba_moe.moe_align_block_size` (SPEC section 5), deterministic:
+within an expert, pairs keep ascending pair index ``p = t * K + k``.
+
+One kernel, one block per expert.  Every block first counts all pairs per
+expert in shared memory (the counts do not depend on the order of the
+atomic adds), scans the counts, then places the pairs of *its* expert with
+a block-wide prefix sum over ``p``: slot = the expert's offset + the number
+of earlier pairs of that expert.  No global synchronisation, no atomic slot
+grabbing.
+
+Outputs (device int32):
+
+* ``offsets`` [E+1]: slot ranges (BucketPlan ``expert_offsets``);
+* ``packed_token_idx`` [P]: token of each slot; ``pairs_by_token`` [P]: slot of each pair;
+* ``active`` [E]: experts with pairs, ascending, ``meta[0]`` of them;
+* ``sorted_ids`` [>= P + E * (bs - 1)], ``block_expert`` [...]: vLLM's
+  padded layout with sentinel ``P``, ``meta[1]`` = ``num_tokens_post_padded``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda, int32
+
+from ..errors import MoEError
+from .primitives import block_exclusive_scan
+
+__all__ = ["DevicePlan", "plan_capacity", "launch_plan", "plan_device", "PAIRS_PER_THREAD"]
+
+#: Consecutive pairs a thread tests per placement round.
+PAIRS_PER_THREAD = 4
+
+
+class DevicePlan(NamedTuple):
+    """Device buffers of a plan (see the module docstring); sized for a capacity."""
+
+    offsets: object
+    packed_token_idx: object
+    pairs_by_token: object
+    active: object
+    meta: object
+    sorted_ids: object
+    block_expert: object
+
+
+def plan_capacity(num_pairs: int, num_experts: int, block_size: int):
+    """``(sorted_ids length, block_expert length)`` that fit any routing of
+    ``num_pairs`` pairs."""
+    n = num_pairs + num_experts * (block_size - 1)
+    return n, -(-n // block_size)
+
+
+def empty_plan(num_pairs: int, num_experts: int, block_size: int, stream=0) -> DevicePlan:
+    """Allocate a :class:`DevicePlan` for up to ``num_pairs`` pairs."""
+    n_sorted, n_blocks = plan_capacity(num_pairs, num_experts, block_size)
+    alloc = lambda n: cuda.device_array(max(n, 1), np.int32, stream=stream)  # noqa: E731
+    return DevicePlan(alloc(num_experts + 1), alloc(num_pairs), alloc(num_pairs),
+                      alloc(num_experts), alloc(2), alloc(n_sorted), alloc(n_blocks))
+
+
+@cuda.jit
+def _plan_kernel(ids, num_pairs, top_k, n_exp, bs, offsets, packed, pairs_by_token, active,
+                 meta, sorted_ids, block_expert):
+    """Block ``e`` places expert e's pairs; block 0 also writes ``offsets``
+    and ``meta``.  Dynamic shared memory: ``4 * n_exp + 2 * blockDim`` int32."""
+    sh = cuda.shared.array(0, int32)
+    nt = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    hist = sh[0:n_exp]
+    off = sh[n_exp:2 * n_exp]
+    pad = sh[2 * n_exp:3 * n_exp]
+    act = sh[3 * n_exp:4 * n_exp]
+    flags = sh[4 * n_exp:4 * n_exp + nt]
+    tmp = sh[4 * n_exp + nt:4 * n_exp + 2 * nt]
+    for i in range(tid, n_exp, nt):
+        hist[i] = 0
+    cuda.syncthreads()
+    for p in range(tid, num_pairs, nt):
+        cuda.atomic.add(hist, ids[p], 1)
+    cuda.syncthreads()
+    for i in range(tid, n_exp, nt):
+        h = hist[i]
+        off[i] = h
+        pad[i] = (h + bs - 1) // bs * bs
+        act[i] = 1 if h > 0 else 0
+    cuda.syncthreads()
+    block_exclusive_scan(off, n_exp, tmp)
+    n_padded = block_exclusive_scan(pad, n_exp, tmp)
+    n_active = block_exclusive_scan(act, n_exp, tmp)
+
+    e = cuda.blockIdx.x
+    if e == 0:
+        for i in range(tid, n_exp, nt):
+            offsets[i] = off[i]
+        if tid == 0:
+            offsets[n_exp] = num_pairs
+            meta[0] = n_active
+            meta[1] = n_padded
+    cnt = hist[e]
+    if cnt == 0:
+        return
+    my_off = off[e]
+    my_pad = pad[e]
+    if tid == 0:
+        active[act[e]] = e
+    n_blk = (cnt + bs - 1) // bs
+    for b in range(tid, n_blk, nt):
+        block_expert[my_pad // bs + b] = e
+    for i in range(cnt + tid, n_blk * bs, nt):
+        sorted_ids[my_pad + i] = num_pairs
+    placed = 0
+    base = 0
+    while placed < cnt:
+        p0 = base + tid * PAIRS_PER_THREAD
+        f = 0
+        for v in range(PAIRS_PER_THREAD):
+            p = p0 + v
+            if p < num_pairs and ids[p] == e:
+                f += 1
+        flags[tid] = f
+        chunk = block_exclusive_scan(flags, nt, tmp)
+        r = placed + flags[tid]
+        for v in range(PAIRS_PER_THREAD):
+            p = p0 + v
+            if p < num_pairs and ids[p] == e:
+                slot = my_off + r
+                packed[slot] = p // top_k
+                pairs_by_token[p] = slot
+                sorted_ids[my_pad + r] = p
+                r += 1
+        placed += chunk
+        base += nt * PAIRS_PER_THREAD
+
+
+def launch_plan(ids, num_pairs, top_k, num_experts, block_size, plan: DevicePlan,
+                threads, stream):
+    """Launch the plan kernel on device buffers (no checks, no allocation).
+
+    ``ids`` is device int32 flat ``[num_pairs]`` with every id in range.
+    """
+    shared = (4 * num_experts + 2 * threads) * 4
+    _plan_kernel[num_experts, threads, stream, shared](
+        ids, num_pairs, top_k, num_experts, block_size, plan.offsets, plan.packed_token_idx,
+        plan.pairs_by_token, plan.active, plan.meta, plan.sorted_ids, plan.block_expert)
+
+
+def plan_device(expert_ids, num_experts: int, block_size: int, stream=0) -> DevicePlan:
+    """Build the plan of a routing on the GPU.
+
+    Parameters
+    ----------
+    expert_ids : int32 (T, K), numpy or ``__cuda_array_interface__``
+        Ids in ``[0, num_experts)`` (checked here: a numpy input on the host,
+        a device input after one copy to the host, as this is the test-facing
+        wrapper; the forward pass routes on the device and never checks).
+    num_experts : int
+    block_size : int
+        Padding of the aligned layout (any of ``config.BLOCK_SIZES``).
+    stream : numba stream, optional
+
+    Returns
+    -------
+    DevicePlan
+        Device arrays; ``sorted_ids[:meta[1]]`` and
+        ``block_expert[:meta[1] // block_size]`` hold the aligned layout.
+    """
+    from ..config import BLOCK_SIZES, CUDA_LAUNCH
+    from ..plan import _check_ids
+    from .arrays import as_device_2d, device_view, is_device_array
+
+    host = device_view(expert_ids).copy_to_host() if is_device_array(expert_ids) \
+        else expert_ids
+    _check_ids(host, num_experts, (2,))
+    if block_size not in BLOCK_SIZES:
+        raise MoEError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    d_ids = as_device_2d("expert_ids", expert_ids, np.int32, stream)
+    n_tok, top_k = d_ids.shape
+    num_pairs = n_tok * top_k
+    plan = empty_plan(num_pairs, num_experts, block_size, stream)
+    launch_plan(d_ids.reshape(num_pairs), num_pairs, top_k, num_experts, block_size, plan,
+                CUDA_LAUNCH.scan_threads, stream)
+    return plan

@@ -1,0 +1,238 @@
+"""Warp-level building blocks of the CUDA kernels, each with a simulator twin.
+
+The CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs every thread as a Python
+thread and has no warp shuffles, no ``syncwarp`` and no inline PTX.  Each
+primitive here therefore exists twice: the real one (shuffles, 16-byte
+``ld.global.nc`` loads) and a twin with the same meaning built from shared
+memory and ``syncthreads``.  Which one a kernel gets is fixed at import.
+
+Contract for callers: the reductions and :func:`warp_sync` must be reached
+by *every thread of the block* the same number of times (uniform control
+flow).  On a GPU only the warp has to agree; the simulator twins synchronise
+the whole block.  Blocks are one-dimensional.
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import cuda, float32, float64, int32, types
+from numba.cuda.core import config as _cuda_config
+
+__all__ = ["SIMULATOR", "device_inline", "seg_sum", "warp_sum64", "warp_max64",
+           "warp_argmax", "warp_sync", "load4", "load2", "block_exclusive_scan", "next_pow2"]
+
+#: True when numba.cuda is the simulator (decided by numba at its import).
+SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
+
+_FULL = 0xFFFFFFFF
+# Largest block the simulator twins cover (their shared scratch size).
+_MAX_THREADS = 1024
+
+
+def device_inline(fn):
+    """``@cuda.jit(device=True)``, forced inline on a GPU.
+
+    Inlining lets LLVM turn the small local arrays the decoders fill into
+    registers; the simulator has no such option and does not need it.
+    """
+    if SIMULATOR:
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, forceinline=True)(fn)
+
+
+if not SIMULATOR:
+    from numba.cuda.extending import intrinsic
+    from numba.cuda import cgutils
+
+    def _vector_load(width):
+        """An intrinsic ``(arr, i) -> UniTuple(dtype, width)``: one
+        ``ld.global.nc.v{width}`` of ``arr[i : i + width]`` (32-bit dtypes).
+
+        The caller guarantees ``4 * width``-byte alignment of ``&arr[i]`` and
+        that nothing writes ``arr`` during the kernel (non-coherent path).
+        """
+
+        @intrinsic
+        def _load(typingctx, arr, idx):
+            ety = arr.dtype
+            if ety.bitwidth != 32 or not isinstance(arr, types.Array):
+                return None
+            sig = types.UniTuple(ety, width)(arr, idx)
+
+            def codegen(context, builder, sig, args):
+                aryty = sig.args[0]
+                ary = context.make_array(aryty)(context, builder, args[0])
+                index = context.cast(builder, args[1], sig.args[1], types.intp)
+                ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
+                                               wraparound=False)
+                lty = context.get_value_type(ety)
+                fnty = ir.FunctionType(ir.LiteralStructType([lty] * width), [ptr.type])
+                c = "f" if isinstance(ety, types.Float) else "r"
+                kind = "f32" if c == "f" else "u32"
+                regs = ", ".join(f"${k}" for k in range(width))
+                asm = ir.InlineAsm(fnty, f"ld.global.nc.v{width}.{kind} {{{regs}}}, [${width}];",
+                                   ",".join([f"={c}"] * width) + ",l")
+                res = builder.call(asm, [ptr])
+                vals = [builder.extract_value(res, k) for k in range(width)]
+                return context.make_tuple(builder, sig.return_type, vals)
+
+            return sig, codegen
+
+        return _load
+
+    load4 = _vector_load(4)
+    load2 = _vector_load(2)
+
+    @device_inline
+    def seg_sum(v, width):
+        """Sum of ``v`` over each aligned group of ``width`` lanes (a power of
+        two <= 32); every lane of the group gets the sum."""
+        off = width >> 1
+        while off > 0:
+            v += cuda.shfl_xor_sync(_FULL, v, off)
+            off >>= 1
+        return v
+
+    @device_inline
+    def warp_sum64(v):
+        """float64 sum over the warp, in every lane."""
+        for off in (16, 8, 4, 2, 1):
+            v += cuda.shfl_xor_sync(_FULL, v, off)
+        return v
+
+    @device_inline
+    def warp_max64(v):
+        """float64 maximum over the warp, in every lane (NaN-free input)."""
+        for off in (16, 8, 4, 2, 1):
+            o = cuda.shfl_xor_sync(_FULL, v, off)
+            if o > v:
+                v = o
+        return v
+
+    @device_inline
+    def warp_argmax(v, i):
+        """``(v, i)`` of the lane with the largest ``v``, ties to the lower
+        ``i``; in every lane.  ``v`` must be NaN-free."""
+        for off in (16, 8, 4, 2, 1):
+            ov = cuda.shfl_xor_sync(_FULL, v, off)
+            oi = cuda.shfl_xor_sync(_FULL, i, off)
+            if ov > v or (ov == v and oi < i):
+                v = ov
+                i = oi
+        return v, i
+
+    @device_inline
+    def warp_sync():
+        """Order shared-memory accesses among the lanes of a warp."""
+        cuda.syncwarp(_FULL)
+
+else:
+
+    @cuda.jit(device=True)
+    def load4(arr, i):
+        return arr[i], arr[i + 1], arr[i + 2], arr[i + 3]
+
+    @cuda.jit(device=True)
+    def load2(arr, i):
+        return arr[i], arr[i + 1]
+
+    @cuda.jit(device=True)
+    def seg_sum(v, width):
+        buf = cuda.shared.array(_MAX_THREADS, float32)
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % width
+        s = float32(0)
+        for k in range(width):
+            s += buf[base + k]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def warp_sum64(v):
+        buf = cuda.shared.array(_MAX_THREADS, float64)
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % 32
+        s = float64(0)
+        for k in range(32):
+            s += buf[base + k]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def warp_max64(v):
+        buf = cuda.shared.array(_MAX_THREADS, float64)
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % 32
+        m = buf[base]
+        for k in range(1, 32):
+            if buf[base + k] > m:
+                m = buf[base + k]
+        cuda.syncthreads()
+        return m
+
+    @cuda.jit(device=True)
+    def warp_argmax(v, i):
+        vbuf = cuda.shared.array(_MAX_THREADS, float32)
+        ibuf = cuda.shared.array(_MAX_THREADS, int32)
+        tid = cuda.threadIdx.x
+        vbuf[tid] = v
+        ibuf[tid] = i
+        cuda.syncthreads()
+        base = tid - tid % 32
+        bv = vbuf[base]
+        bi = ibuf[base]
+        for k in range(1, 32):
+            ov = vbuf[base + k]
+            oi = ibuf[base + k]
+            if ov > bv or (ov == bv and oi < bi):
+                bv = ov
+                bi = oi
+        cuda.syncthreads()
+        return bv, bi
+
+    @cuda.jit(device=True)
+    def warp_sync():
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def block_exclusive_scan(buf, n, tmp):
+    """In-place exclusive prefix sum of ``buf[0:n]`` by the whole block;
+    returns the sum of the ``n`` values (in every thread).
+
+    ``tmp`` is shared scratch of ``blockDim.x`` entries (not ``buf``).  Runs
+    in chunks of the block size, Hillis-Steele within a chunk.
+    """
+    nt = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    carry = 0
+    for base in range(0, n, nt):
+        i = base + tid
+        own = buf[i] if i < n else 0
+        v = own
+        tmp[tid] = v
+        off = 1
+        while off < nt:
+            cuda.syncthreads()
+            add = tmp[tid - off] if tid >= off else 0
+            cuda.syncthreads()
+            v += add
+            tmp[tid] = v
+            off <<= 1
+        cuda.syncthreads()
+        if i < n:
+            buf[i] = carry + v - own
+        carry += tmp[nt - 1]
+        cuda.syncthreads()
+    return carry
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (``n`` >= 1)."""
+    return 1 << max(0, math.ceil(math.log2(n)))

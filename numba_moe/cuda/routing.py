@@ -1,0 +1,214 @@
+"""Top-k routing on the device: router logits -> (expert ids, weights).
+
+Same semantics as :func:`numba_moe.route` (SPEC section 5), computed the
+same way: exponentials and sums in float64, each probability rounded to
+float32 once, NaN selection scores compare as ``-inf``, ties go to the lower
+expert index, and every id is valid even when all scores are ``-inf``/NaN.
+
+One warp routes one token.  Its probabilities and selection scores live in
+shared memory (``2 * E + n_group`` floats a warp), so any E fits that the
+shared memory does; K <= 32 because lane k keeps the k-th pick.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32, float64, int32
+
+from ..errors import MoEError
+from ..routing import GATINGS, RouterOutput, _check_params
+from .primitives import warp_argmax, warp_max64, warp_sum64, warp_sync
+
+__all__ = ["topk_route", "launch_topk", "MAX_TOP_K"]
+
+#: Largest K the device router supports (one lane per pick).
+MAX_TOP_K = 32
+_SOFTMAX = GATINGS["softmax"]
+_SIGMOID = GATINGS["sigmoid"]
+_SOFTMAX_WEIGHT = GATINGS["softmax_weight"]
+_NEG_INF = float32(-np.inf)
+
+
+@cuda.jit
+def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
+                 n_group, topk_group, scale, ids, weights):
+    """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
+
+    Dynamic shared memory: ``warps * (2 * n_exp + n_group)`` float32.  Warps
+    past the last token route the last token again and write nothing, so
+    every lane reaches every reduction.
+    """
+    sh = cuda.shared.array(0, float32)
+    tid = cuda.threadIdx.x
+    lane = tid & 31
+    warp = tid >> 5
+    t = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + warp
+    valid = t < n_tok
+    row = (t if valid else n_tok - 1) * lstride
+    base = warp * (2 * n_exp + n_group)
+    probs = base
+    sel = base + n_exp
+    gsc = base + 2 * n_exp
+
+    if gating == _SOFTMAX:
+        m = float64(-np.inf)
+        for e in range(lane, n_exp, 32):
+            v = logits[row + e]
+            if v > m:
+                m = float64(v)
+        m = warp_max64(m)
+        s = float64(0)
+        for e in range(lane, n_exp, 32):
+            s += math.exp(float64(logits[row + e]) - m)
+        s = warp_sum64(s)
+        for e in range(lane, n_exp, 32):
+            sh[probs + e] = float32(math.exp(float64(logits[row + e]) - m) / s)
+    elif gating == _SIGMOID:
+        for e in range(lane, n_exp, 32):
+            sh[probs + e] = float32(1.0 / (1.0 + math.exp(-float64(logits[row + e]))))
+    else:
+        for e in range(lane, n_exp, 32):
+            sh[probs + e] = logits[row + e]
+    for e in range(lane, n_exp, 32):
+        v = sh[probs + e] + bias[e] if has_bias else sh[probs + e]
+        sh[sel + e] = v if v == v else _NEG_INF
+    warp_sync()
+
+    if n_group > 1:
+        gsize = n_exp // n_group
+        for g in range(lane, n_group, 32):
+            b1 = _NEG_INF
+            b2 = _NEG_INF
+            for e in range(g * gsize, (g + 1) * gsize):
+                v = sh[sel + e]
+                if v > b1:
+                    b2 = b1
+                    b1 = v
+                elif v > b2:
+                    b2 = v
+            gs = b1 if gsize == 1 else b1 + b2
+            # +inf + -inf: a group with no usable score ranks last
+            sh[gsc + g] = gs if gs == gs else _NEG_INF
+        warp_sync()
+        for _ in range(topk_group):
+            bv = _NEG_INF
+            bi = int32(n_group)
+            for g in range(lane, n_group, 32):
+                v = sh[gsc + g]
+                # NaN marks a group already kept
+                if v == v and (bi == n_group or v > bv):
+                    bv = v
+                    bi = int32(g)
+            bv, bi = warp_argmax(bv, bi)
+            if lane == 0:
+                sh[gsc + bi] = np.nan
+            warp_sync()
+        for e in range(lane, n_exp, 32):
+            v = sh[gsc + e // gsize]
+            if v == v:
+                sh[sel + e] = _NEG_INF
+        warp_sync()
+
+    my_id = int32(0)
+    for k in range(top_k):
+        bv = _NEG_INF
+        bi = int32(n_exp)
+        for e in range(lane, n_exp, 32):
+            v = sh[sel + e]
+            # NaN marks an expert already picked
+            if v == v and (bi == n_exp or v > bv):
+                bv = v
+                bi = int32(e)
+        bv, bi = warp_argmax(bv, bi)
+        if lane == k:
+            my_id = bi
+        warp_sync()
+        if lane == 0:
+            sh[sel + bi] = np.nan
+        warp_sync()
+
+    mine = lane < top_k
+    if gating == _SOFTMAX_WEIGHT:
+        xk = logits[row + my_id]
+        mk = float64(xk) if (mine and xk > _NEG_INF) else float64(-np.inf)
+        mk = warp_max64(mk)
+        ek = math.exp(float64(xk) - mk) if mine else float64(0)
+        s = warp_sum64(ek)
+        w = float32(ek / s * scale)
+    else:
+        pk = float64(sh[probs + my_id]) if mine else float64(0)
+        s = float64(1)
+        if norm:
+            s = warp_sum64(pk)
+        if norm and s <= 0.0:
+            w = float32(scale / top_k)
+        else:
+            w = float32(pk / s * scale)
+    if valid and mine:
+        ids[t * top_k + lane] = my_id
+        weights[t * top_k + lane] = w
+
+
+def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, warps, stream):
+    """Launch the routing kernel on device buffers (no checks, no allocation).
+
+    Parameters
+    ----------
+    logits : device float32, flat ``[n_tok * lstride]``
+        Row t's logits at ``t * lstride .. t * lstride + n_exp``.
+    params : tuple
+        ``numba_moe.routing._check_params`` output.
+    bias_dev : device float32 [E] (or [1] when there is no bias)
+    ids, weights : device int32 / float32, flat ``[n_tok * K]``
+    warps : int
+        Tokens per block.
+    """
+    top_k, norm, gating, bias, n_group, topk_group, scale = params
+    shared = warps * (2 * n_exp + n_group) * 4
+    grid = -(-n_tok // warps)
+    _topk_kernel[grid, 32 * warps, stream, shared](
+        logits, lstride, n_tok, n_exp, top_k, gating, norm, bias_dev, bias.shape[0] > 0,
+        n_group, topk_group, scale, ids, weights)
+
+
+def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_bias=None,
+               n_group=1, topk_group=1, scale=1.0, stream=0) -> RouterOutput:
+    """:func:`numba_moe.route` on the GPU.
+
+    Parameters
+    ----------
+    logits : float32 (T, E), numpy or any ``__cuda_array_interface__`` array
+        C-contiguous.
+    top_k, norm_topk_prob, gating, selection_bias, n_group, topk_group, scale
+        As :func:`numba_moe.route`; ``top_k <= 32``.
+    stream : numba stream, optional
+
+    Returns
+    -------
+    RouterOutput
+        Device arrays: ``expert_ids`` int32 (T, K), ``expert_weights`` float32 (T, K).
+
+    Raises
+    ------
+    MoEError
+        Bad dtype, shape or layout of ``logits``, or an option out of range.
+    """
+    from ..config import CUDA_LAUNCH
+    from .arrays import as_device_2d
+
+    d_logits = as_device_2d("logits", logits, np.float32, stream)
+    n_tok, n_exp = d_logits.shape
+    params = _check_params(n_exp, top_k, norm_topk_prob, gating, selection_bias,
+                           n_group, topk_group, scale)
+    if params[0] > MAX_TOP_K:
+        raise MoEError(f"top_k must be <= {MAX_TOP_K} on the CUDA path, got {params[0]}")
+    bias = params[3]
+    bias_dev = cuda.to_device(bias if bias.shape[0] else np.zeros(1, np.float32), stream=stream)
+    ids = cuda.device_array((n_tok, params[0]), np.int32, stream=stream)
+    weights = cuda.device_array((n_tok, params[0]), np.float32, stream=stream)
+    if n_tok:
+        launch_topk(d_logits.reshape(n_tok * n_exp), n_exp, n_tok, n_exp, params, bias_dev,
+                    ids.reshape(ids.size), weights.reshape(weights.size),
+                    CUDA_LAUNCH.topk_warps, stream)
+    return RouterOutput(ids, weights)
