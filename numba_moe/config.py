@@ -130,11 +130,23 @@ class CudaLaunch:
     threads : int
         Threads per block of the element-wise kernels (gather, act, combine).
     scan_threads : int
-        Threads of the single-block scan that builds the plan on the device.
+        Threads per block of the plan kernel (one block per expert, each
+        scanning all pairs).
     gemv_warps : int
-        Warps per block of the quantized GEMV kernels (one output row a warp).
+        Warps per block of the quantized GEMV kernels.
     tile_m, tile_n : int
-        Output tile of the tiled (large-T) grouped GEMM.
+        Output tile of the tiled (large-T) grouped GEMM; ``tile_m`` is also
+        the block size of the device's ``moe_align_block_size`` layout (one of
+        :data:`BLOCK_SIZES`), both multiples of 4.
+    topk_warps : int
+        Tokens (one warp each) per block of the routing kernel.
+    gemv_max_tokens : int
+        Largest average number of tokens per expert (``T * K / E``; ``T`` for
+        the router and the shared expert) served by the GEMV kernel; above
+        it the tiled kernel runs.
+    graphs : bool
+        Capture each token count's forward into a CUDA graph and replay it
+        (ignored under the simulator and while profiling).
     """
 
     threads: int = 256
@@ -142,6 +154,9 @@ class CudaLaunch:
     gemv_warps: int = 8
     tile_m: int = 64
     tile_n: int = 64
+    topk_warps: int = 4
+    gemv_max_tokens: int = 8
+    graphs: bool = True
 
 
 #: The launch sizes every CUDA wrapper reads.
