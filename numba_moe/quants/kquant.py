@@ -12,7 +12,8 @@ C code compiled with ``-ffp-contract=off`` (or for a target without FMA, as
 x86-64's baseline is).  A C build that contracts ``a += w*x`` into FMAs
 (e.g. ``-march=native`` with GCC's default ``-ffp-contract=fast``) can pick a
 different scale for a sub-block now and then; both results are valid
-encodings of the same search.
+encodings of the same search.  ``tests/data/ggml_kquant_ref.npz`` holds
+blocks from the compiled C reference that the tests compare against.
 
 Every kernel here uses ``error_model="numpy"``: a float division by zero must
 give the IEEE inf/NaN that the C code sees (e.g. a fully saturated fp16
@@ -193,6 +194,8 @@ def _make_qx_quants_rmse1(nmax, x, L):
 
 @njit(cache=True, error_model="numpy")
 def _store_f16(y, at, v):
+    """Store ``v`` as little-endian fp16 at ``y[at:at+2]``; return the
+    float32 it decodes to (the C code re-reads the rounded scale)."""
     h = f32_to_f16_bits(v)
     y[at] = h & 0xFF
     y[at + 1] = h >> 8
@@ -402,8 +405,10 @@ def quantize(data, qtype):
 
     Notes
     -----
-    NaN or inf inputs give whatever the C reference gives (garbage quants,
-    NaN scales); no error is raised.
+    Inputs with inf or NaN raise no error and give what the C reference
+    gives (garbage quants, NaN scales) -- byte for byte with inf; with
+    several NaNs of different payloads in one block, x86 NaN propagation
+    can pick another payload than the C build did, and the garbage differs.
     """
     qt = as_qtype(qtype)
     block_values, block_bytes = block_geometry(qt)
