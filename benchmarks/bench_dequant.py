@@ -18,6 +18,7 @@ Usage::
     python benchmarks/bench_dequant.py [--mb 64] [--repeat 5] [--gguf-repeat 2]
 """
 import argparse
+import importlib.metadata
 import os
 import platform
 import time
@@ -62,7 +63,7 @@ def main():
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, "
           f"numba {numba.__version__} with {numba.get_num_threads()} threads, "
-          f"numpy {np.__version__}, gguf {getattr(gguf, '__version__', '?')}")
+          f"numpy {np.__version__}, gguf {importlib.metadata.version('gguf')}")
     print(f"blocks: {args.mb:g} MB per type, best of {args.repeat} (ours) / {args.gguf_repeat} (gguf)\n")
 
     first_calls = []
