@@ -287,7 +287,9 @@ def dequantize(data, qtype):
 
 def _dequantize_fallback(blocks, qt, out_shape):
     try:
-        out = gguf.quants.dequantize(blocks, qt)
+        # inf/NaN scales decode to inf/NaN silently, as on the native path.
+        with np.errstate(all="ignore"):
+            out = gguf.quants.dequantize(blocks, qt)
     except NotImplementedError as exc:
         raise MoEError(f"qtype: {qt.name} cannot be dequantized (gguf.quants: {exc})") from None
     if qt not in _FALLBACK_WARNED:
