@@ -10,6 +10,8 @@ from .errors import GGUFError, MoEError
 from .routing import RouterOutput, route, route_into
 from .plan import AlignedRouting, BucketPlan, moe_align_block_size, pick_block_size
 from . import quants
+from .layer import MoELayer, SharedExpert, load_moe_layer
+from .writer import write_moe_gguf
 
 __version__ = "0.1.0"
 
@@ -17,3 +19,4 @@ __all__ = ["config", "errors", "profile", "MoEError", "GGUFError"]
 __all__ += ["route", "route_into", "RouterOutput", "BucketPlan", "moe_align_block_size",
             "AlignedRouting", "pick_block_size"]
 __all__ += ["quants"]
+__all__ += ["MoELayer", "SharedExpert", "load_moe_layer", "write_moe_gguf"]

@@ -170,3 +170,25 @@ class GGUFFile:
                             f"{self.reader.data.nbytes} bytes (truncated?)")
         flat = t.data.reshape(-1).view(np.uint8)
         return flat.reshape(shape[:-1] + (row_bytes,))
+
+
+def copy_metadata(src: GGUFFile, writer: "gguf.GGUFWriter", *, replace=None, skip=()) -> None:
+    """Copy every metadata key of ``src`` into ``writer`` (before its header is written).
+
+    ``general.architecture`` and gguf-py's virtual ``GGUF.*`` fields are left
+    to the writer; keys in ``skip`` are dropped; ``replace`` maps a key to a
+    new value of the same type.
+    """
+    replace = replace or {}
+    for name, field in src.reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
+            continue
+        if name in skip:
+            continue
+        value = replace.get(name, src.get(name))
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(name, value, vtype, sub_type=sub)
+        else:
+            writer.add_key_value(name, value, vtype)
