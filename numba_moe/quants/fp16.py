@@ -13,6 +13,9 @@ __all__ = ["f16_to_f32", "f16_bytes_to_f32"]
 
 _INF = np.float32(np.inf)
 _NAN = np.float32(np.nan)
+# 2**(exp - 25) for every normal exponent field value: a table lookup instead
+# of a float64 pow per decode (Q8_0 decodes one fp16 per 32 values).
+_POW2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)
 
 
 @njit(inline="always", cache=True)
@@ -35,7 +38,7 @@ def f16_to_f32(h):
     elif exp == 31:
         v = _INF if mant == 0 else _NAN
     else:
-        v = np.float32(mant + np.int32(1024)) * np.float32(2.0 ** (exp - 25))
+        v = np.float32(mant + np.int32(1024)) * _POW2[exp]
     if h & np.int32(0x8000):
         v = -v
     return v
