@@ -3,10 +3,18 @@
 Everything here goes through :class:`gguf.GGUFReader`, which memory-maps the
 file; tensor arrays are views of that map.  Every failure is re-raised as
 :class:`~numba_moe.errors.GGUFError` naming the file and the key or tensor.
+
+gguf-py trusts the counts and lengths a file declares: a corrupt array length
+makes it loop (and allocate) for as long as the count says, even past the end
+of the file.  :func:`_check_header` therefore walks the header first and
+checks every count, length, type id and tensor extent against the file size,
+so that a hostile header costs one bounded pass and a clear error.
 """
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from typing import Any, Optional
 
 import gguf
@@ -17,6 +25,139 @@ from .errors import GGUFError
 __all__ = ["GGUFFile"]
 
 _MISSING = object()
+
+# Byte sizes of the fixed-size metadata value types, by GGUFValueType id.
+_VALUE_SIZES = {int(t): np.dtype(d).itemsize for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
+_STRING = int(gguf.GGUFValueType.STRING)
+_ARRAY = int(gguf.GGUFValueType.ARRAY)
+# Fixed part of a header: magic, version, tensor count, kv count.
+_PREAMBLE = 24
+# ggml tensors have at most GGML_MAX_DIMS = 4 dimensions; nested arrays never
+# occur in real files, a few levels are allowed.
+_MAX_DIMS = 4
+_MAX_ARRAY_DEPTH = 4
+
+
+class _HeaderWalk:
+    """A bounds-checked cursor over the header bytes ``buf`` of file ``path``."""
+
+    def __init__(self, path: str, buf):
+        self.path, self.buf, self.size, self.pos = path, buf, len(buf), 0
+        self.order = "<"
+
+    def fail(self, what: str):
+        raise GGUFError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): {what} "
+                        f"(header byte {self.pos} of {self.size})")
+
+    def take(self, fmt: str, what: str):
+        n = struct.calcsize("<" + fmt)
+        if n > self.size - self.pos:
+            self.fail(f"{what} runs past the end of the file")
+        v = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += n
+        return v if len(v) > 1 else v[0]
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            self.fail(f"{what} ({n} bytes) runs past the end of the file")
+        self.pos += n
+
+    def string(self, what: str) -> bytes:
+        n = self.take("Q", f"length of {what}")
+        start = self.pos
+        self.skip(n, what)
+        return bytes(self.buf[start:self.pos])
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _VALUE_SIZES:
+            self.skip(_VALUE_SIZES[vtype], what)
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype == _ARRAY:
+            if depth >= _MAX_ARRAY_DEPTH:
+                self.fail(f"{what}: arrays nested deeper than {_MAX_ARRAY_DEPTH}")
+            itype, count = self.take("IQ", f"array header of {what}")
+            if itype in _VALUE_SIZES:
+                self.skip(count * _VALUE_SIZES[itype], f"{what}: array of {count} items")
+                return
+            # strings and arrays take at least 8 bytes each
+            if count > (self.size - self.pos) // 8:
+                self.fail(f"{what}: array of {count} items cannot fit in the file")
+            for i in range(count):
+                self.value(itype, f"{what}[{i}]", depth + 1)
+        else:
+            self.fail(f"{what}: unknown value type {vtype}")
+
+
+def _check_header(path: str) -> None:
+    """Check the header of GGUF file ``path`` before gguf-py parses it.
+
+    Every declared count, string or array length, value type, tensor type,
+    dimension count and tensor extent must fit the file, so gguf-py's parse
+    is bounded by the file size.
+
+    Raises
+    ------
+    GGUFError
+        Naming the metadata key or tensor whose declaration does not fit.
+    """
+    size = os.path.getsize(path)
+    if size < _PREAMBLE:
+        raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): "
+                        f"{size} bytes, shorter than the {_PREAMBLE}-byte GGUF preamble")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        _walk_header(_HeaderWalk(path, mm))
+
+
+def _walk_header(h: _HeaderWalk) -> None:
+    if h.buf[:4] != b"GGUF":
+        h.fail("bad magic (expected b'GGUF')")
+    h.pos = 4
+    version = h.take("I", "version")
+    if version & 0xFFFF == 0:
+        # gguf-py's test for a file of the other byte order
+        h.order = ">"
+    n_tensors, n_kv = h.take("QQ", "tensor and metadata counts")
+    # a key-value pair takes at least 13 bytes, a tensor info 24
+    if n_kv > (h.size - h.pos) // 13 or n_tensors > (h.size - h.pos) // 24:
+        h.fail(f"declares {n_tensors} tensors and {n_kv} metadata keys, more than the "
+               "file can hold")
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    for i in range(n_kv):
+        key = h.string(f"name of metadata key #{i}").decode("utf-8", "replace")
+        vtype = h.take("I", f"type of metadata key {key!r}")
+        if key == "general.alignment" and vtype == int(gguf.GGUFValueType.UINT32):
+            alignment = h.take("I", f"metadata key {key!r}")
+            continue
+        h.value(vtype, f"metadata key {key!r}")
+    extents = []
+    for i in range(n_tensors):
+        name = h.string(f"name of tensor #{i}").decode("utf-8", "replace")
+        n_dims = h.take("I", f"dimension count of tensor {name!r}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            h.fail(f"tensor {name!r} has {n_dims} dimensions, expected 1 to {_MAX_DIMS}")
+        dims = h.take(f"{n_dims}Q", f"dimensions of tensor {name!r}")
+        dims = dims if n_dims > 1 else (dims,)
+        raw_type, offset = h.take("IQ", f"type and offset of tensor {name!r}")
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            h.fail(f"tensor {name!r} has unknown ggml type {raw_type}")
+        if dims[0] % block:
+            h.fail(f"tensor {name!r} ({qtype.name}) row length {dims[0]} is not a multiple of "
+                   f"the block size {block}")
+        n_elems = 1
+        for d in dims:
+            n_elems *= d
+        extents.append((name, offset, n_elems // block * type_size))
+    if alignment == 0 or alignment & (alignment - 1):
+        h.fail(f"general.alignment = {alignment}, expected a power of two")
+    data_start = -(-h.pos // alignment) * alignment
+    for name, offset, nbytes in extents:
+        if offset + nbytes > h.size - data_start:
+            h.fail(f"tensor {name!r} needs {nbytes} bytes at data offset {offset}, past the end "
+                   f"of the file")
 
 
 class GGUFFile:
@@ -38,6 +179,7 @@ class GGUFFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise GGUFError(f"{self.path}: no such file")
+        _check_header(self.path)
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as exc:  # gguf raises ValueError, KeyError, IndexError, ...
