@@ -1,0 +1,238 @@
+"""Decode one row of GGUF blocks into the integer form the CPU dot products read.
+
+The CPU kernels never build float weights.  Each weight row is unpacked,
+once per work item, into a small per-thread buffer:
+
+* ``w16`` int16 [cols]: the block's integer code times its integer sub-block
+  scale (Q4_K/Q5_K: ``sc * q`` <= 63 * 31; Q6_K: ``sc * (q - 32)``, |.| <= 4096;
+  Q8_0: ``q``), so a 256-value block dots with int16 activations in one
+  integer reduction (LLVM emits ``vpmaddwd``/``vpdpwssd`` on x86 and
+  ``smlal`` on ARM from the plain loop);
+* ``dsc`` float32: the fp16 super-block scale ``d`` (per 256 values; per 32
+  for Q8_0);
+* ``dmins`` float32 [cols / 32] (Q4_K/Q5_K only): ``dmin * m`` of every
+  32-value sub-block, the term the min correction multiplies by the
+  activation sub-block sums.
+
+So for a K-quant block ``b`` the weight is ``w = d * w16 - dmins[s]`` and
+``dot(w, a) = d * ad * sum(w16 * aq) - sum_s dmins[s] * (ad * bsum_s)``.
+
+All index arithmetic is written from loop counters (never from a function
+argument) so that LLVM can prove indices non-negative, drop Numba's
+wrap-around selects and vectorize; every intermediate is cast to a narrow
+type on purpose, because Numba otherwise widens ``uint8 & 15`` to int64
+lanes.
+"""
+import numpy as np
+from numba import njit
+
+__all__ = ["f16_fast", "decode_row_q4_k", "decode_row_q5_k", "decode_row_q6_k",
+           "decode_row_q8_0"]
+
+# 2**(e - 25) for exponent field e = 1..30, and 2**-24 for subnormals (e = 0):
+# (mantissa | implicit bit) * _POW2[e] is the exact half value.
+_POW2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+_INF = np.float32(np.inf)
+_NAN = np.float32(np.nan)
+
+
+@njit(inline="always", cache=True)
+def f16_fast(lo, hi):
+    """Decode a little-endian IEEE half stored as bytes ``lo``, ``hi``.
+
+    Bit-identical to ``numpy.float16 -> float32`` (inf and NaN included).
+    Uses a 32-entry power-of-two table instead of ``2.0 ** e``, which Numba
+    compiles to a square-and-multiply loop (tens of cycles per call, and
+    every block decode makes one or two calls).
+
+    Layout::
+
+        hi: s eeeee mm   lo: mmmmmmmm      value = (1024 + m) * 2**(e - 25)
+                                            (subnormal e = 0: m * 2**-24)
+    """
+    h = np.int32(lo) | (np.int32(hi) << np.int32(8))
+    e = (h >> np.int32(10)) & np.int32(31)
+    m = h & np.int32(1023)
+    if e == 31:
+        v = _INF if m == 0 else _NAN
+    else:
+        if e > 0:
+            m = m | np.int32(1024)
+        v = np.float32(m) * _POW2[e]
+    if h & np.int32(0x8000):
+        v = -v
+    return v
+
+
+@njit(inline="always", cache=True)
+def _k4_scales(row, o, j):
+    """6-bit scales and mins of sub-blocks ``2j`` and ``2j+1`` of the K-quant
+    block at byte ``o`` (scales at ``o+4 .. o+15``), as int16.
+
+    Layout of the 12 scale bytes (a..h scales, A..H mins of sub-blocks 0..7)::
+
+        byte 0..3  EEaaaaaa FFbbbbbb GGcccccc HHdddddd
+        byte 4..7  eeAAAAAA ffBBBBBB ggCCCCCC hhDDDDDD
+        byte 8..11 eeeeEEEE ffffFFFF ggggGGGG hhhhHHHH
+
+    Sub-block i < 4: scale = byte[i] & 63, min = byte[i+4] & 63; i >= 4: low
+    nibbles in byte[i+4] (scale low, min high), top two bits in bits 7..6 of
+    byte[i-4] (scale) and byte[i] (min).
+    """
+    s = o + 4
+    i0 = 2 * j
+    i1 = 2 * j + 1
+    if j < 2:
+        s0 = np.int16(row[s + i0] & np.uint8(63))
+        s1 = np.int16(row[s + i1] & np.uint8(63))
+        m0 = np.int16(row[s + i0 + 4] & np.uint8(63))
+        m1 = np.int16(row[s + i1 + 4] & np.uint8(63))
+    else:
+        s0 = np.int16((row[s + i0 + 4] & np.uint8(15)) | ((row[s + i0 - 4] >> np.uint8(6)) << np.uint8(4)))
+        s1 = np.int16((row[s + i1 + 4] & np.uint8(15)) | ((row[s + i1 - 4] >> np.uint8(6)) << np.uint8(4)))
+        m0 = np.int16((row[s + i0 + 4] >> np.uint8(4)) | ((row[s + i0] >> np.uint8(6)) << np.uint8(4)))
+        m1 = np.int16((row[s + i1 + 4] >> np.uint8(4)) | ((row[s + i1] >> np.uint8(6)) << np.uint8(4)))
+    return s0, s1, m0, m1
+
+
+@njit(inline="always", cache=True)
+def decode_row_q4_k(row, nb, w16, dsc, dmins):
+    """Unpack ``nb`` Q4_K blocks (144 bytes each) of ``row``.
+
+    Block layout: ``d`` fp16 @0, ``dmin`` fp16 @2, scales[12] @4, qs[128] @16.
+    Values ``64j .. 64j+31`` are the low nibbles of ``qs[32j .. 32j+31]``,
+    values ``64j+32 .. 64j+63`` their high nibbles::
+
+        qs[32j + l] = HHHHLLLL  ->  y[64j + l] = L,  y[64j + 32 + l] = H
+
+    Parameters
+    ----------
+    row : uint8 [nb * 144]
+    nb : int
+        Blocks in the row (cols / 256).
+    w16 : int16 [>= nb * 256]
+        Receives ``sc * q``.
+    dsc : float32 [>= nb]
+        Receives ``d``.
+    dmins : float32 [>= nb * 8]
+        Receives ``dmin * m`` per 32-value sub-block.
+    """
+    for b in range(nb):
+        o = b * 144
+        dsc[b] = f16_fast(row[o], row[o + 1])
+        dmin = f16_fast(row[o + 2], row[o + 3])
+        for j in range(4):
+            s0, s1, m0, m1 = _k4_scales(row, o, j)
+            dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
+            dmins[b * 8 + 2 * j + 1] = dmin * np.float32(m1)
+            q = o + 16 + 32 * j
+            w = b * 256 + 64 * j
+            for l in range(32):
+                v = row[q + l]
+                w16[w + l] = np.int16(v & np.uint8(15)) * s0
+                w16[w + 32 + l] = np.int16(v >> np.uint8(4)) * s1
+
+
+@njit(inline="always", cache=True)
+def decode_row_q5_k(row, nb, w16, dsc, dmins):
+    """Unpack ``nb`` Q5_K blocks (176 bytes each) of ``row``.
+
+    Block layout: ``d`` @0, ``dmin`` @2, scales[12] @4, qh[32] @16,
+    qs[128] @48.  Value ``i*32 + l`` (sub-block i = 2j + s) takes its low four
+    bits from nibble ``s`` of ``qs[32j + l]`` and its fifth bit from bit ``i``
+    of ``qh[l]``::
+
+        qs[32j + l] = HHHHLLLL    qh[l] = b7 .. b0
+        y[64j + l]      = L | b(2j)   << 4
+        y[64j + 32 + l] = H | b(2j+1) << 4
+
+    Outputs as :func:`decode_row_q4_k`.
+    """
+    for b in range(nb):
+        o = b * 176
+        dsc[b] = f16_fast(row[o], row[o + 1])
+        dmin = f16_fast(row[o + 2], row[o + 3])
+        for j in range(4):
+            s0, s1, m0, m1 = _k4_scales(row, o, j)
+            dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
+            dmins[b * 8 + 2 * j + 1] = dmin * np.float32(m1)
+            sh0 = np.uint8(2 * j)
+            sh1 = np.uint8(2 * j + 1)
+            q = o + 48 + 32 * j
+            w = b * 256 + 64 * j
+            for l in range(32):
+                v = row[q + l]
+                hb = row[o + 16 + l]
+                lo = (v & np.uint8(15)) | (((hb >> sh0) & np.uint8(1)) << np.uint8(4))
+                hi = (v >> np.uint8(4)) | (((hb >> sh1) & np.uint8(1)) << np.uint8(4))
+                w16[w + l] = np.int16(lo) * s0
+                w16[w + 32 + l] = np.int16(hi) * s1
+
+
+@njit(inline="always", cache=True)
+def decode_row_q6_k(row, nb, w16, dsc):
+    """Unpack ``nb`` Q6_K blocks (210 bytes each) of ``row``.
+
+    Block layout: ql[128] @0, qh[64] @128, scales int8[16] @192, ``d`` @208.
+    Half ``n`` (values ``128n ..``) reads ``ql[64n ..]`` and ``qh[32n ..]``::
+
+        a = ql[64n + l]   c = ql[64n + 32 + l]   h = qh[32n + l] = h3 h2 h1 h0 (2 bits each)
+        y[128n + l]      = (a & 15) | h0 << 4      y[128n + 64 + l] = (a >> 4) | h2 << 4
+        y[128n + 32 + l] = (c & 15) | h1 << 4      y[128n + 96 + l] = (c >> 4) | h3 << 4
+
+    minus 32; value ``i`` uses the signed scale ``scales[i // 16]``.
+
+    Parameters
+    ----------
+    row : uint8 [nb * 210]
+    w16 : int16 [>= nb * 256]
+        Receives ``sc * (q - 32)``.
+    dsc : float32 [>= nb]
+        Receives ``d``.
+    """
+    for b in range(nb):
+        o = b * 210
+        dsc[b] = f16_fast(row[o + 208], row[o + 209])
+        for n in range(2):
+            for half in range(2):
+                sc = o + 192 + 8 * n + half
+                s0 = np.int16(np.int8(row[sc]))
+                s1 = np.int16(np.int8(row[sc + 2]))
+                s2 = np.int16(np.int8(row[sc + 4]))
+                s3 = np.int16(np.int8(row[sc + 6]))
+                a0 = o + 64 * n + 16 * half
+                h0 = o + 128 + 32 * n + 16 * half
+                w = b * 256 + 128 * n + 16 * half
+                for l in range(16):
+                    va = row[a0 + l]
+                    vc = row[a0 + 32 + l]
+                    vh = row[h0 + l]
+                    q1 = (va & np.uint8(15)) | ((vh & np.uint8(3)) << np.uint8(4))
+                    q2 = (vc & np.uint8(15)) | (((vh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))
+                    q3 = (va >> np.uint8(4)) | (((vh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))
+                    q4 = (vc >> np.uint8(4)) | ((vh >> np.uint8(6)) << np.uint8(4))
+                    w16[w + l] = (np.int16(q1) - np.int16(32)) * s0
+                    w16[w + 32 + l] = (np.int16(q2) - np.int16(32)) * s1
+                    w16[w + 64 + l] = (np.int16(q3) - np.int16(32)) * s2
+                    w16[w + 96 + l] = (np.int16(q4) - np.int16(32)) * s3
+
+
+@njit(inline="always", cache=True)
+def decode_row_q8_0(row, nb32, w16, dsc):
+    """Unpack ``nb32`` Q8_0 blocks (34 bytes, 32 values each) of ``row``.
+
+    Block layout: ``d`` fp16 @0, qs int8[32] @2; value = d * q.
+
+    Parameters
+    ----------
+    row : uint8 [nb32 * 34]
+    w16 : int16 [>= nb32 * 32]
+        Receives ``q``.
+    dsc : float32 [>= nb32]
+        Receives ``d`` of every 32-value block.
+    """
+    for b in range(nb32):
+        o = b * 34
+        dsc[b] = f16_fast(row[o], row[o + 1])
+        for l in range(32):
+            w16[b * 32 + l] = np.int16(np.int8(row[o + 2 + l]))
