@@ -62,17 +62,22 @@ class _HeaderWalk:
             self.fail(f"{what} ({n} bytes) runs past the end of the file")
         self.pos += n
 
-    def string(self, what: str) -> bytes:
+    def name(self, what: str) -> str:
+        """A key or tensor name: length-prefixed UTF-8."""
         n = self.take("Q", f"length of {what}")
         start = self.pos
         self.skip(n, what)
-        return bytes(self.buf[start:self.pos])
+        try:
+            return bytes(self.buf[start:self.pos]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.fail(f"{what} is not UTF-8 ({exc.reason} at byte {start + exc.start})")
 
     def value(self, vtype: int, what: str, depth: int = 0) -> None:
         if vtype in _VALUE_SIZES:
             self.skip(_VALUE_SIZES[vtype], what)
         elif vtype == _STRING:
-            self.string(what)
+            # values are not decoded: llama.cpp takes any bytes there
+            self.skip(self.take("Q", f"length of {what}"), what)
         elif vtype == _ARRAY:
             if depth >= _MAX_ARRAY_DEPTH:
                 self.fail(f"{what}: arrays nested deeper than {_MAX_ARRAY_DEPTH}")
@@ -117,6 +122,10 @@ def _walk_header(h: _HeaderWalk) -> None:
     if version & 0xFFFF == 0:
         # gguf-py's test for a file of the other byte order
         h.order = ">"
+        version = int.from_bytes(version.to_bytes(4, "little"), "big")
+    if version not in gguf.gguf_reader.READER_SUPPORTED_VERSIONS:
+        h.fail(f"GGUF version {version}, expected one of "
+               f"{gguf.gguf_reader.READER_SUPPORTED_VERSIONS}")
     n_tensors, n_kv = h.take("QQ", "tensor and metadata counts")
     # a key-value pair takes at least 13 bytes, a tensor info 24
     if n_kv > (h.size - h.pos) // 13 or n_tensors > (h.size - h.pos) // 24:
@@ -124,7 +133,7 @@ def _walk_header(h: _HeaderWalk) -> None:
                "file can hold")
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT
     for i in range(n_kv):
-        key = h.string(f"name of metadata key #{i}").decode("utf-8", "replace")
+        key = h.name(f"name of metadata key #{i}")
         vtype = h.take("I", f"type of metadata key {key!r}")
         if key == "general.alignment" and vtype == int(gguf.GGUFValueType.UINT32):
             alignment = h.take("I", f"metadata key {key!r}")
@@ -132,7 +141,7 @@ def _walk_header(h: _HeaderWalk) -> None:
         h.value(vtype, f"metadata key {key!r}")
     extents = []
     for i in range(n_tensors):
-        name = h.string(f"name of tensor #{i}").decode("utf-8", "replace")
+        name = h.name(f"name of tensor #{i}")
         n_dims = h.take("I", f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= _MAX_DIMS:
             h.fail(f"tensor {name!r} has {n_dims} dimensions, expected 1 to {_MAX_DIMS}")
@@ -153,8 +162,15 @@ def _walk_header(h: _HeaderWalk) -> None:
         extents.append((name, offset, n_elems // block * type_size))
     if alignment == 0 or alignment & (alignment - 1):
         h.fail(f"general.alignment = {alignment}, expected a power of two")
+    # As llama.cpp's loader demands, tensors are stored in header order, each
+    # at the padded end of the previous one: an offset anywhere else (a bit
+    # flip that aims a tensor at another's bytes) is corruption.
     data_start = -(-h.pos // alignment) * alignment
+    expected = 0
     for name, offset, nbytes in extents:
+        if offset != expected:
+            h.fail(f"tensor {name!r} has data offset {offset}, expected {expected}")
+        expected += -(-nbytes // alignment) * alignment
         if offset + nbytes > h.size - data_start:
             h.fail(f"tensor {name!r} needs {nbytes} bytes at data offset {offset}, past the end "
                    f"of the file")
