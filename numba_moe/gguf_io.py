@@ -201,6 +201,11 @@ class GGUFFile:
         except Exception as exc:  # gguf raises ValueError, KeyError, IndexError, ...
             raise GGUFError(f"{self.path}: not a readable GGUF file "
                             f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
+        if self.reader.byte_order != "I":
+            # tensor views are raw bytes in file order: a float32 router or
+            # fp16 block scale of the other byte order would read as garbage
+            raise GGUFError(f"{self.path}: GGUF file of the other byte order (big-endian?) is "
+                            "not supported")
         self._tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.get_str("general.architecture")
 
