@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import get_config
 from .errors import GGUFError, MoEError
-from .experts import ExpertTensor
+from .experts import NATIVE_QTYPES, ExpertTensor
 from .gguf_io import GGUFFile
 from .writer import ARCH_DEFAULTS
 
@@ -226,8 +226,21 @@ def _expert_tensor(f: GGUFFile, name: str, expect: tuple) -> ExpertTensor:
         raise GGUFError(f"{f.path}: tensor {name!r}: row length {shape[-1]} is not a multiple "
                         f"of the {qtype.name} block size {block}")
     raw = f.tensor_bytes(name).reshape(shape[:-1] + (-1,))
+    _check_decodable(f, name, qtype, raw)
     data = raw.view(np.float32) if qtype == Q.F32 else raw
     return ExpertTensor(name, qtype, shape[0], shape[1], shape[2], data)
+
+
+def _check_decodable(f: GGUFFile, name: str, qtype, raw: np.ndarray) -> None:
+    """Raise now, not at the first forward, for a type nothing can decode (I32, F64, ...)."""
+    if qtype in NATIVE_QTYPES or qtype == Q.F32:
+        return
+    try:
+        with np.errstate(all="ignore"):
+            gguf.quants.dequantize(raw.reshape(-1)[:gguf.GGML_QUANT_SIZES[qtype][1]], qtype)
+    except NotImplementedError as exc:
+        raise GGUFError(f"{f.path}: tensor {name!r} has type {qtype.name}, which neither "
+                        "numba_moe nor gguf.quants can decode") from exc
 
 
 def _dense_vector_or_matrix(f: GGUFFile, name: str, expect: tuple) -> np.ndarray:
@@ -238,6 +251,7 @@ def _dense_vector_or_matrix(f: GGUFFile, name: str, expect: tuple) -> np.ndarray
                         f"{list(expect)}")
     qtype = f.tensor_qtype(name)
     raw = f.tensor_bytes(name)
+    _check_decodable(f, name, qtype, raw)
     if qtype == Q.F32:
         return np.ascontiguousarray(raw.view(np.float32).reshape(expect))
     from .quants import dequantize
