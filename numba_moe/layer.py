@@ -374,6 +374,15 @@ def load_moe_layer(path, layer: int = 0, *, norm_topk_prob: Optional[bool] = Non
     if gating is not None:
         gate_fn = gating
 
+    # Where the metadata gives the shared expert's width, it must be there
+    # and have that width (a renamed or reshaped tensor must not vanish).
+    shared_width = None
+    if arch == "deepseek2" and f.has(f"{arch}.expert_shared_count"):
+        shared_width = f.get_int(f"{arch}.expert_shared_count", minimum=0) * I
+    elif f.has(f"{arch}.expert_shared_feed_forward_length"):
+        shared_width = f.get_int(f"{arch}.expert_shared_feed_forward_length", minimum=1)
+    if shared_width:
+        f.tensor(p + "ffn_gate_shexp.weight")  # raises if missing
     shared = None
     if f.has_tensor(p + "ffn_gate_shexp.weight"):
         s_shape = f.tensor_shape(p + "ffn_gate_shexp.weight")
@@ -381,6 +390,9 @@ def load_moe_layer(path, layer: int = 0, *, norm_topk_prob: Optional[bool] = Non
             raise GGUFError(f"{f.path}: tensor {p + 'ffn_gate_shexp.weight'!r} has shape "
                             f"{list(s_shape)}, expected [Is, {H}]")
         Is = s_shape[0]
+        if shared_width is not None and Is != shared_width:
+            raise GGUFError(f"{f.path}: tensor {p + 'ffn_gate_shexp.weight'!r} has shape "
+                            f"{list(s_shape)}, the metadata implies [{shared_width}, {H}]")
         s_gate = _expert_tensor(f, p + "ffn_gate_shexp.weight", (1, Is, H))
         s_up = _expert_tensor(f, p + "ffn_up_shexp.weight", (1, Is, H))
         s_down = _expert_tensor(f, p + "ffn_down_shexp.weight", (1, H, Is))
