@@ -26,42 +26,10 @@ lanes.
 import numpy as np
 from numba import njit
 
-__all__ = ["f16_fast", "decode_row_q4_k", "decode_row_q5_k", "decode_row_q6_k",
+from ..quants.fp16 import f16_bytes_to_f32
+
+__all__ = ["decode_row_q4_k", "decode_row_q5_k", "decode_row_q6_k",
            "decode_row_q8_0"]
-
-# 2**(e - 25) for exponent field e = 1..30, and 2**-24 for subnormals (e = 0):
-# (mantissa | implicit bit) * _POW2[e] is the exact half value.
-_POW2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
-_INF = np.float32(np.inf)
-_NAN = np.float32(np.nan)
-
-
-@njit(inline="always", cache=True)
-def f16_fast(lo, hi):
-    """Decode a little-endian IEEE half stored as bytes ``lo``, ``hi``.
-
-    Bit-identical to ``numpy.float16 -> float32`` (inf and NaN included).
-    Uses a 32-entry power-of-two table instead of ``2.0 ** e``, which Numba
-    compiles to a square-and-multiply loop (tens of cycles per call, and
-    every block decode makes one or two calls).
-
-    Layout::
-
-        hi: s eeeee mm   lo: mmmmmmmm      value = (1024 + m) * 2**(e - 25)
-                                            (subnormal e = 0: m * 2**-24)
-    """
-    h = np.int32(lo) | (np.int32(hi) << np.int32(8))
-    e = (h >> np.int32(10)) & np.int32(31)
-    m = h & np.int32(1023)
-    if e == 31:
-        v = _INF if m == 0 else _NAN
-    else:
-        if e > 0:
-            m = m | np.int32(1024)
-        v = np.float32(m) * _POW2[e]
-    if h & np.int32(0x8000):
-        v = -v
-    return v
 
 
 @njit(inline="always", cache=True)
@@ -119,8 +87,8 @@ def decode_row_q4_k(row, nb, w16, dsc, dmins):
     """
     for b in range(nb):
         o = b * 144
-        dsc[b] = f16_fast(row[o], row[o + 1])
-        dmin = f16_fast(row[o + 2], row[o + 3])
+        dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
+        dmin = f16_bytes_to_f32(row[o + 2], row[o + 3])
         for j in range(4):
             s0, s1, m0, m1 = _k4_scales(row, o, j)
             dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
@@ -150,8 +118,8 @@ def decode_row_q5_k(row, nb, w16, dsc, dmins):
     """
     for b in range(nb):
         o = b * 176
-        dsc[b] = f16_fast(row[o], row[o + 1])
-        dmin = f16_fast(row[o + 2], row[o + 3])
+        dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
+        dmin = f16_bytes_to_f32(row[o + 2], row[o + 3])
         for j in range(4):
             s0, s1, m0, m1 = _k4_scales(row, o, j)
             dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
@@ -192,7 +160,7 @@ def decode_row_q6_k(row, nb, w16, dsc):
     """
     for b in range(nb):
         o = b * 210
-        dsc[b] = f16_fast(row[o + 208], row[o + 209])
+        dsc[b] = f16_bytes_to_f32(row[o + 208], row[o + 209])
         for n in range(2):
             for half in range(2):
                 sc = o + 192 + 8 * n + half
@@ -233,6 +201,6 @@ def decode_row_q8_0(row, nb32, w16, dsc):
     """
     for b in range(nb32):
         o = b * 34
-        dsc[b] = f16_fast(row[o], row[o + 1])
+        dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
         for l in range(32):
             w16[b * 32 + l] = np.int16(np.int8(row[o + 2 + l]))

@@ -63,16 +63,18 @@ def schedule_items(expert_offsets, rows, tile, decode_weight, nbins, items, boun
             items[n, 2] = r1
             total += (r1 - r0) * (decode_weight + cnt)
             n += 1
-    # Bin k starts at the first item whose cost prefix reaches k/nbins of the total.
+    # Bin k starts at the first item whose cost midpoint reaches k/nbins of
+    # the total: every bin is within one item's cost of total / nbins.
     bounds[0] = 0
     k = 1
     acc = 0
     for i in range(n):
-        while k < nbins and acc * nbins >= k * total:
+        e = items[i, 0]
+        c = (items[i, 2] - items[i, 1]) * (decode_weight + expert_offsets[e + 1] - expert_offsets[e])
+        while k < nbins and (2 * acc + c) * nbins >= 2 * k * total:
             bounds[k] = i
             k += 1
-        e = items[i, 0]
-        acc += (items[i, 2] - items[i, 1]) * (decode_weight + expert_offsets[e + 1] - expert_offsets[e])
+        acc += c
     while k <= nbins:
         bounds[k] = n
         k += 1
