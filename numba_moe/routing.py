@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from .errors import MoEError
+from .threading_guard import parallel_launch
 
 __all__ = ["RouterOutput", "GATINGS", "route", "route_into", "route_scratch_shape"]
 
@@ -412,8 +413,13 @@ def _launch(logits, params, ids, weights, scratch) -> None:
     top_k, norm, gating, bias, n_group, topk_group, scale = params
     if logits.shape[0] == 0:
         return
-    kernel = _route_parallel if logits.size >= _PARALLEL_MIN_LOGITS else _route_serial
-    kernel(logits, bias, gating, top_k, norm, n_group, topk_group, scale, ids, weights, scratch)
+    if logits.size >= _PARALLEL_MIN_LOGITS:
+        with parallel_launch():
+            _route_parallel(logits, bias, gating, top_k, norm, n_group, topk_group, scale, ids,
+                            weights, scratch)
+    else:
+        _route_serial(logits, bias, gating, top_k, norm, n_group, topk_group, scale, ids,
+                      weights, scratch)
 
 
 def _as_logits(logits, copy_ok: bool) -> np.ndarray:
