@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from .errors import MoEError
+from .threading_guard import parallel_launch
 
 __all__ = ["ExpertTensor", "NATIVE_QTYPES"]
 
@@ -94,7 +95,8 @@ class ExpertTensor:
                         "dequantizing it to float32 once (slow path, "
                         f"{self.num_experts * self.rows * self.cols * 4 / 2**20:.1f} MiB)",
                         RuntimeWarning, stacklevel=2)
-                dense = dequantize(self.data, self.qtype).reshape(self.shape)
+                with parallel_launch():
+                    dense = dequantize(self.data, self.qtype).reshape(self.shape)
                 self._dense = np.ascontiguousarray(dense, dtype=np.float32)
             return self._dense
 

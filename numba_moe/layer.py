@@ -12,6 +12,7 @@ from .config import get_config
 from .errors import GGUFError, MoEError
 from .experts import NATIVE_QTYPES, ExpertTensor
 from .gguf_io import GGUFFile
+from .threading_guard import parallel_launch
 from .writer import ARCH_DEFAULTS
 
 __all__ = ["MoELayer", "SharedExpert", "load_moe_layer", "GATINGS"]
@@ -256,7 +257,9 @@ def _dense_vector_or_matrix(f: GGUFFile, name: str, expect: tuple) -> np.ndarray
         return np.ascontiguousarray(raw.view(np.float32).reshape(expect))
     from .quants import dequantize
 
-    return np.ascontiguousarray(dequantize(raw, qtype).reshape(expect), dtype=np.float32)
+    with parallel_launch():
+        dense = dequantize(raw, qtype)
+    return np.ascontiguousarray(dense.reshape(expect), dtype=np.float32)
 
 
 def _split_fused(t: ExpertTensor, inter: int):
