@@ -70,9 +70,9 @@ def _schedule(branch, offsets, nbins):
 def _gemm1(ws, branch, offsets, tokens, x):
     g, u = branch.gate, branch.up
     xq, xd, xmb = ws.xq
-    _gate_up_kernel(branch.items1, branch.bounds1, offsets, tokens,
-                    g.qt, g.q, g.f, g.row0, u.qt, u.q, u.f, u.row0, g.cols,
-                    xq, xd, xmb, x, branch.h, ws.w16, ws.dsc, ws.dmins)
+    _gate_up_kernel(branch.items1, branch.bounds1, offsets, tokens, (g.qt, u.qt), (g.q, u.q),
+                    (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x, branch.h,
+                    ws.w16, ws.dsc, ws.dmins)
 
 
 def _act(branch, slots):

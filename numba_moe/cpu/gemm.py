@@ -173,34 +173,38 @@ def _dot(qt, f, e, row, cols, w16, dsc, dmins, aq, ad, amb, xf):
 # --------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot,
-                   g_qt, g_q, g_f, g_row0, u_qt, u_q, u_f, u_row0, cols,
-                   xq, xd, xmb, xf, h, w16, dsc, dmins):
+def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, fs, row0s, cols,
+                    xq, xd, xmb, xf, h, w16, dsc, dmins):
     """``h[p, r] = silu(gate . x[t]) * (up . x[t])`` over the scheduled items.
 
-    ``prange`` runs one balanced run of items per iteration; run ``k`` uses
-    scratch row ``k`` of ``w16`` / ``dsc`` / ``dmins`` ([nbins, 2, ...]), and
-    items own disjoint (slot range, row range) blocks of ``h``.
+    ``qts``, ``qs``, ``fs``, ``row0s`` are (gate, up) pairs of the
+    :class:`Projection` fields.  ``prange`` runs one balanced run of items
+    per iteration; run ``k`` uses scratch row ``k`` of ``w16`` / ``dsc`` /
+    ``dmins`` ([nbins, 2, ...]), and items own disjoint (slot range, row
+    range) blocks of ``h``.  Gate and up go through one call site of each
+    helper (a loop over the pair), which halves the inlined code and the
+    compile time.
     """
     nbins = bounds.shape[0] - 1
     for k in prange(nbins):
-        wg = w16[k, 0]
-        wu = w16[k, 1]
-        sg = dsc[k, 0]
-        su = dsc[k, 1]
-        mg = dmins[k, 0]
-        mu = dmins[k, 1]
         for it in range(bounds[k], bounds[k + 1]):
             e = items[it, 0]
             p0 = expert_offsets[e]
             p1 = expert_offsets[e + 1]
             for r in range(items[it, 1], items[it, 2]):
-                _decode(g_qt, g_q, e, g_row0 + r, cols, wg, sg, mg)
-                _decode(u_qt, u_q, e, u_row0 + r, cols, wu, su, mu)
+                for j in range(2):
+                    _decode(qts[j], qs[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j], dmins[k, j])
                 for p in range(p0, p1):
                     t = token_of_slot[p]
-                    g = _dot(g_qt, g_f, e, g_row0 + r, cols, wg, sg, mg, xq[t], xd[t], xmb[t], xf[t])
-                    u = _dot(u_qt, u_f, e, u_row0 + r, cols, wu, su, mu, xq[t], xd[t], xmb[t], xf[t])
+                    g = np.float32(0.0)
+                    u = np.float32(0.0)
+                    for j in range(2):
+                        v = _dot(qts[j], fs[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j],
+                                 dmins[k, j], xq[t], xd[t], xmb[t], xf[t])
+                        if j == 0:
+                            g = v
+                        else:
+                            u = v
                     h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
@@ -315,9 +319,8 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
         xq, xd, xmb = quantize_rows(x)
     items, bounds = _schedule(expert_offsets, g.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, g.cols)
-    _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx,
-                   g.qt, g.q, g.f, g.row0, u.qt, u.q, u.f, u.row0, g.cols,
-                   xq, xd, xmb, x, out, w16, dsc, dmins)
+    _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx, (g.qt, u.qt), (g.q, u.q),
+                    (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x, out, w16, dsc, dmins)
     return out[:pairs]
 
 
