@@ -23,6 +23,7 @@ from numba import njit, prange
 
 from ..errors import MoEError
 from ..quants.floatbits import nearest_int
+from ..threading_guard import parallel_launch
 
 __all__ = ["QMAX", "quantize_rows", "quantize_row_into"]
 
@@ -131,5 +132,6 @@ def quantize_rows(x, n=None, out=None):
                 raise MoEError(f"out[{name}]: expected a C-contiguous {np.dtype(t).name} "
                                f"array [>= {n}, {s[0]}]")
     if n:
-        _quantize_rows_kernel(x, n, *out)
+        with parallel_launch():
+            _quantize_rows_kernel(x, n, *out)
     return out

@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import MoEError
+from ..threading_guard import parallel_launch
 
 __all__ = ["combine", "SHARED_NONE", "SHARED_PLAIN", "SHARED_GATED"]
 
@@ -98,5 +99,7 @@ def combine(y, pairs_by_token, pair_weights, top_k, out, shared=None, gate_inp=N
         mode = SHARED_GATED
     if mode != SHARED_NONE and (shared.shape[0] < n_tok or shared.shape[1] != hidden):
         raise MoEError(f"shared: expected shape [>= {n_tok}, {hidden}]")
-    _combine_kernel(y, pairs_by_token, pair_weights, int(top_k), mode, shared, gate_inp, x, out)
+    with parallel_launch():
+        _combine_kernel(y, pairs_by_token, pair_weights, int(top_k), mode, shared, gate_inp, x,
+                        out)
     return out

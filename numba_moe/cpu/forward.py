@@ -27,6 +27,7 @@ import numpy as np
 
 from ..profile import phase
 from ..routing import route_into
+from ..threading_guard import parallel_launch
 from .actquant import _quantize_rows_kernel
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, _combine_kernel
 from .gemm import _DECODE_WEIGHT, QT_DENSE, TILE_ROWS, _down_kernel, _gate_up_kernel
@@ -115,7 +116,7 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
     nbins = numba.get_num_threads()
     ws = workspace_for(layer)
     out = np.empty((T, layer.hidden_size), dtype=np.float32)
-    with ws.lock:
+    with ws.lock, parallel_launch():
         ws.ensure(T, nbins)
         routed, shared = ws.routed, ws.shared
         with phase("route"):

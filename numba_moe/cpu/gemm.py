@@ -40,6 +40,7 @@ from numba import njit, prange
 
 from ..errors import MoEError
 from ..experts import ExpertTensor
+from ..threading_guard import parallel_launch
 from .actquant import quantize_rows
 from .rowdecode import decode_row_q4_k, decode_row_q5_k, decode_row_q6_k, decode_row_q8_0
 from .rowdot import dot_dense, dot_kquant, dot_q8_0
@@ -319,8 +320,10 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
         xq, xd, xmb = quantize_rows(x)
     items, bounds = _schedule(expert_offsets, g.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, g.cols)
-    _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx, (g.qt, u.qt), (g.q, u.q),
-                    (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x, out, w16, dsc, dmins)
+    with parallel_launch():
+        _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx, (g.qt, u.qt),
+                        (g.q, u.q), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x, out,
+                        w16, dsc, dmins)
     return out[:pairs]
 
 
@@ -357,8 +360,9 @@ def grouped_down(down, h, expert_offsets, out=None, num_threads=None):
     hq, hd, hmb = _unquantized(h) if d.qt == QT_DENSE else quantize_rows(h, pairs)
     items, bounds = _schedule(expert_offsets, d.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, d.cols)
-    _down_kernel(items, bounds, expert_offsets, d.qt, d.q, d.f, d.row0, d.cols, hq, hd, hmb, h,
-                out, w16, dsc, dmins)
+    with parallel_launch():
+        _down_kernel(items, bounds, expert_offsets, d.qt, d.q, d.f, d.row0, d.cols, hq, hd, hmb,
+                     h, out, w16, dsc, dmins)
     return out[:pairs]
 
 
