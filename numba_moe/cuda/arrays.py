@@ -8,7 +8,7 @@ from numba import cuda
 from ..errors import MoEError
 from .primitives import SIMULATOR
 
-__all__ = ["is_device_array", "device_view", "as_device_2d"]
+__all__ = ["is_device_array", "device_view", "as_device_2d", "check_out"]
 
 
 def is_device_array(obj) -> bool:
@@ -59,4 +59,17 @@ def as_device_2d(name: str, obj, dtype, stream=0):
         raise MoEError(f"{name} must be C-contiguous")
     if isinstance(arr, np.ndarray):
         return cuda.to_device(arr, stream=stream)
+    return arr
+
+
+def check_out(name: str, obj, dtype, shape):
+    """``obj`` as a numba device array if it is a C-contiguous device array of
+    ``dtype`` and ``shape``; else raise :class:`MoEError`."""
+    if not is_device_array(obj):
+        raise MoEError(f"{name} must be a device array, got {type(obj).__name__}")
+    arr = device_view(obj)
+    if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape) \
+            or not arr.flags["C_CONTIGUOUS"]:
+        raise MoEError(f"{name} must be a C-contiguous {np.dtype(dtype).name} device array of "
+                       f"shape {tuple(shape)}, got {arr.dtype} {tuple(arr.shape)}")
     return arr

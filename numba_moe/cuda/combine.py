@@ -67,7 +67,7 @@ def launch_combine(rows, pairs_by_token, weights, n_tok, top_k, width, shared_mo
                                            shared_mode, sh_rows, logits, lstride, lcol, out)
 
 
-def combine(rows, pairs_by_token, expert_weights, stream=0):
+def combine(rows, pairs_by_token, expert_weights, stream=0, out=None):
     """Combine expert output rows into token order on the GPU (no shared expert).
 
     Parameters
@@ -78,13 +78,15 @@ def combine(rows, pairs_by_token, expert_weights, stream=0):
         Slot of each pair, a permutation of ``range(P)``, ``P = T * K``.
     expert_weights : float32 (T, K), numpy or device
     stream : numba stream, optional
+    out : device float32 (T, W), optional
+        Destination (else allocated).
 
     Returns
     -------
     device float32 (T, W)
     """
     from ..config import CUDA_LAUNCH
-    from .arrays import as_device_2d
+    from .arrays import as_device_2d, check_out
 
     d_rows = as_device_2d("rows", rows, np.float32, stream)
     d_pbt = as_device_2d("pairs_by_token", pairs_by_token, np.int32, stream)
@@ -96,7 +98,13 @@ def combine(rows, pairs_by_token, expert_weights, stream=0):
     if n_rows != n_tok * top_k or width % 4:
         raise MoEError(f"rows must have shape ({n_tok * top_k}, W) with W a multiple of 4, "
                        f"got {d_rows.shape}")
-    out = cuda.device_array((n_tok, width), np.float32, stream=stream)
+    host_pbt = d_pbt.copy_to_host(stream=stream)
+    if host_pbt.size and (host_pbt.min() < 0 or host_pbt.max() >= n_rows):
+        raise MoEError(f"pairs_by_token must hold slots in [0, {n_rows})")
+    if out is None:
+        out = cuda.device_array((n_tok, width), np.float32, stream=stream)
+    else:
+        out = check_out("out", out, np.float32, (n_tok, width))
     if n_tok:
         flat_rows = d_rows.reshape(d_rows.size)
         launch_combine(flat_rows, d_pbt.reshape(d_pbt.size), d_w.reshape(d_w.size), n_tok,

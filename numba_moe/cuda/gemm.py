@@ -30,7 +30,7 @@ import math
 from numba import cuda, float32, int64
 
 from .decoders import QInfo
-from .primitives import load4, seg_sum
+from .primitives import device_inline, load4, seg_sum
 
 __all__ = ["TOKENS_PER_PASS", "gemv_kernel", "tiled_kernel", "MICRO"]
 
@@ -42,6 +42,13 @@ MICRO = 4
 _RW = 2
 
 _cache = {}
+# exp(80) is finite in float32; below -80, silu(g) is 0 to float32 precision
+_EXP_CLAMP = float32(80)
+
+
+@device_inline
+def _silu(g):
+    return g / (float32(1) + math.exp(min(-g, _EXP_CLAMP)))
 
 
 def gemv_kernel(qi: QInfo, gate_up: bool, warps: int):
@@ -140,7 +147,7 @@ def _make_gemv(qi: QInfo, gate_up: bool, warps: int):
                     slot = tok0 + tb
                     if lis == 0 and r0 < rows:
                         if gate_up_mode:
-                            out[slot * rows + r0] = g / (float32(1) + math.exp(-g)) * u
+                            out[slot * rows + r0] = _silu(g) * u
                         else:
                             out[slot * rows + r0] = g
                             if r0 + 1 < rows:
@@ -278,7 +285,7 @@ def _make_tiled(qi: QInfo, gate_up: bool, bm: int, bn: int):
                         g = acc[i * rw * tn + jj]
                         if gate_up_mode:
                             u = acc[i * rw * tn + tn + jj]
-                            g = g / (float32(1) + math.exp(-g)) * u
+                            g = _silu(g) * u
                         out[orow * rows + n] = g
 
     return kernel

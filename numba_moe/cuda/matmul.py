@@ -55,7 +55,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
 
 
-def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0):
+def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0, out=None):
     """Grouped expert GEMM on the GPU, by slot of the routing's plan.
 
     Parameters
@@ -70,6 +70,8 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0)
         Up weights: the result is ``silu(gate . x) * (up . x)``.
     kernel : {'gemv', 'tiled'}
     stream : numba stream, optional
+    out : device float32 (T*K, R), optional
+        Destination (else allocated).
 
     Returns
     -------
@@ -81,7 +83,7 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0)
     MoEError
         Mismatched shapes, bad ids, unknown ``kernel``.
     """
-    from .arrays import as_device_2d
+    from .arrays import as_device_2d, check_out
 
     if kernel not in ("gemv", "tiled"):
         raise MoEError(f"kernel must be 'gemv' or 'tiled', got {kernel!r}")
@@ -104,7 +106,10 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0)
     if tuple(d_x.shape) != want:
         raise MoEError(f"x must have shape {want}, got {tuple(d_x.shape)}")
     plan = plan_device(ids, w.num_experts, CUDA_LAUNCH.tile_m, stream)
-    out = cuda.device_array((p, w.rows), np.float32, stream=stream)
+    if out is None:
+        out = cuda.device_array((p, w.rows), np.float32, stream=stream)
+    else:
+        out = check_out("out", out, np.float32, (p, w.rows))
     if p:
         m_blocks = plan_capacity(p, w.num_experts, CUDA_LAUNCH.tile_m)[1]
         launch_expert_gemm(w, v, d_x.reshape(d_x.size), plan, min(w.num_experts, p), m_blocks,

@@ -29,7 +29,8 @@ from numba import cuda, int32
 from ..errors import MoEError
 from .primitives import block_exclusive_scan
 
-__all__ = ["DevicePlan", "plan_capacity", "launch_plan", "plan_device", "PAIRS_PER_THREAD"]
+__all__ = ["DevicePlan", "plan_capacity", "empty_plan", "empty_plan_sizes", "launch_plan",
+           "plan_device", "PAIRS_PER_THREAD"]
 
 #: Consecutive pairs a thread tests per placement round.
 PAIRS_PER_THREAD = 4
@@ -54,12 +55,17 @@ def plan_capacity(num_pairs: int, num_experts: int, block_size: int):
     return n, -(-n // block_size)
 
 
+def empty_plan_sizes(num_pairs: int, num_experts: int, block_size: int):
+    """Entries of each :class:`DevicePlan` buffer for up to ``num_pairs`` pairs."""
+    n_sorted, n_blocks = plan_capacity(num_pairs, num_experts, block_size)
+    return (num_experts + 1, max(num_pairs, 1), max(num_pairs, 1), num_experts, 2,
+            max(n_sorted, 1), max(n_blocks, 1))
+
+
 def empty_plan(num_pairs: int, num_experts: int, block_size: int, stream=0) -> DevicePlan:
     """Allocate a :class:`DevicePlan` for up to ``num_pairs`` pairs."""
-    n_sorted, n_blocks = plan_capacity(num_pairs, num_experts, block_size)
-    alloc = lambda n: cuda.device_array(max(n, 1), np.int32, stream=stream)  # noqa: E731
-    return DevicePlan(alloc(num_experts + 1), alloc(num_pairs), alloc(num_pairs),
-                      alloc(num_experts), alloc(2), alloc(n_sorted), alloc(n_blocks))
+    return DevicePlan(*(cuda.device_array(n, np.int32, stream=stream)
+                        for n in empty_plan_sizes(num_pairs, num_experts, block_size)))
 
 
 @cuda.jit
@@ -148,7 +154,8 @@ def launch_plan(ids, num_pairs, top_k, num_experts, block_size, plan: DevicePlan
         plan.pairs_by_token, plan.active, plan.meta, plan.sorted_ids, plan.block_expert)
 
 
-def plan_device(expert_ids, num_experts: int, block_size: int, stream=0) -> DevicePlan:
+def plan_device(expert_ids, num_experts: int, block_size: int, stream=0,
+                out: DevicePlan = None) -> DevicePlan:
     """Build the plan of a routing on the GPU.
 
     Parameters
@@ -161,6 +168,8 @@ def plan_device(expert_ids, num_experts: int, block_size: int, stream=0) -> Devi
     block_size : int
         Padding of the aligned layout (any of ``config.BLOCK_SIZES``).
     stream : numba stream, optional
+    out : DevicePlan, optional
+        Buffers from :func:`empty_plan` for at least T*K pairs (else allocated).
 
     Returns
     -------
@@ -180,7 +189,10 @@ def plan_device(expert_ids, num_experts: int, block_size: int, stream=0) -> Devi
     d_ids = as_device_2d("expert_ids", expert_ids, np.int32, stream)
     n_tok, top_k = d_ids.shape
     num_pairs = n_tok * top_k
-    plan = empty_plan(num_pairs, num_experts, block_size, stream)
+    plan = empty_plan(num_pairs, num_experts, block_size, stream) if out is None else out
+    need = empty_plan_sizes(num_pairs, num_experts, block_size)
+    if any(len(a) < n for a, n in zip(plan, need)):
+        raise MoEError(f"out: plan buffers must hold at least {need} entries")
     launch_plan(d_ids.reshape(num_pairs), num_pairs, top_k, num_experts, block_size, plan,
                 CUDA_LAUNCH.scan_threads, stream)
     return plan

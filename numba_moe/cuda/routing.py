@@ -173,7 +173,7 @@ def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, w
 
 
 def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_bias=None,
-               n_group=1, topk_group=1, scale=1.0, stream=0) -> RouterOutput:
+               n_group=1, topk_group=1, scale=1.0, stream=0, out=None) -> RouterOutput:
     """:func:`numba_moe.route` on the GPU.
 
     Parameters
@@ -183,6 +183,8 @@ def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_b
     top_k, norm_topk_prob, gating, selection_bias, n_group, topk_group, scale
         As :func:`numba_moe.route`; ``top_k <= 32``.
     stream : numba stream, optional
+    out : (ids, weights) device arrays, optional
+        int32 / float32 (T, K) destinations (else allocated).
 
     Returns
     -------
@@ -195,7 +197,7 @@ def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_b
         Bad dtype, shape or layout of ``logits``, or an option out of range.
     """
     from ..config import CUDA_LAUNCH
-    from .arrays import as_device_2d
+    from .arrays import as_device_2d, check_out
 
     d_logits = as_device_2d("logits", logits, np.float32, stream)
     n_tok, n_exp = d_logits.shape
@@ -205,8 +207,13 @@ def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_b
         raise MoEError(f"top_k must be <= {MAX_TOP_K} on the CUDA path, got {params[0]}")
     bias = params[3]
     bias_dev = cuda.to_device(bias if bias.shape[0] else np.zeros(1, np.float32), stream=stream)
-    ids = cuda.device_array((n_tok, params[0]), np.int32, stream=stream)
-    weights = cuda.device_array((n_tok, params[0]), np.float32, stream=stream)
+    shape = (n_tok, params[0])
+    if out is None:
+        ids = cuda.device_array(shape, np.int32, stream=stream)
+        weights = cuda.device_array(shape, np.float32, stream=stream)
+    else:
+        ids = check_out("out[0]", out[0], np.int32, shape)
+        weights = check_out("out[1]", out[1], np.float32, shape)
     if n_tok:
         launch_topk(d_logits.reshape(n_tok * n_exp), n_exp, n_tok, n_exp, params, bias_dev,
                     ids.reshape(ids.size), weights.reshape(weights.size),

@@ -1,0 +1,124 @@
+"""``layer(x, device="cuda")`` against the float64 reference.
+
+Simulator runs use Q8_0 layers of width 64 (every kernel, small enough for
+simulated threads); the k-quant layers, CUDA graphs, growing batches and
+foreign device arrays run on a real GPU only.
+"""
+import cuda_backend  # noqa: F401  (must precede numba.cuda)
+import numpy as np
+import pytest
+from cuda_backend import gpu_only, need_cuda
+
+import numba_moe as nm
+from numba_moe.errors import MoEError
+from numba_moe.reference import moe_forward_float64
+
+pytestmark = need_cuda
+
+if cuda_backend.usable:
+    from numba import cuda
+
+    from numba_moe.config import CUDA_LAUNCH
+
+Q8 = dict(gate_type="Q8_0", up_type="Q8_0", down_type="Q8_0", hidden_size=64,
+          expert_intermediate=64, num_experts=8, top_k=2)
+ARCHS = {
+    "qwen3moe": dict(arch="qwen3moe", **Q8),
+    "qwen2moe": dict(arch="qwen2moe", shared_intermediate=64, **Q8),
+    "deepseek2": dict(arch="deepseek2", gating_func="sigmoid", n_group=4, topk_group=2,
+                      selection_bias=True, weights_scale=2.0, shared_intermediate=64, **Q8),
+}
+
+
+def _layer(make_model, name, **kw):
+    return nm.load_moe_layer(make_model("cuda_" + name, **kw))
+
+
+def _check_forward(layer, t, seed):
+    x = np.random.default_rng(seed).standard_normal((t, layer.hidden_size)).astype(np.float32)
+    y = layer(x, device="cuda")
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == x.shape
+    ref = moe_forward_float64(layer, x)
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-4
+
+
+# the simulator runs the tiled path on the richest layout only (time)
+PATHS = [(n, k) for n in sorted(ARCHS) for k in ("gemv", "tiled")
+         if not (cuda_backend.SIMULATOR and k == "tiled" and n != "qwen2moe")]
+
+
+@pytest.mark.parametrize("name,kernel", PATHS)
+def test_forward_matches_reference(make_model, name, kernel, monkeypatch):
+    if kernel == "tiled":
+        monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens", 0)
+    _check_forward(_layer(make_model, name, **ARCHS[name]), 3, seed=len(name))
+
+
+def test_forward_device_input_stays_on_device(make_model):
+    layer = _layer(make_model, "qwen3moe", **ARCHS["qwen3moe"])
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    ref = moe_forward_float64(layer, x)
+    d_x = cuda.to_device(x)
+    y = layer(x=d_x, device="cuda")
+    assert not isinstance(y, np.ndarray) and tuple(y.shape) == (2, 64)
+    assert np.linalg.norm(y.copy_to_host() - ref) / np.linalg.norm(ref) < 1e-4
+    out = cuda.to_device(np.full((2, 64), np.nan, np.float32))
+    assert nm.cuda.moe_forward_cuda(layer, d_x, out=out) is out
+    np.testing.assert_array_equal(out.copy_to_host(), y.copy_to_host())
+
+
+def test_forward_rejects_bad_input(make_model):
+    layer = _layer(make_model, "qwen3moe", **ARCHS["qwen3moe"])
+    bad = [(np.zeros((2, 64), np.float64), "dtype"), (np.zeros((2, 63), np.float32), "shape"),
+           (np.zeros((0, 64), np.float32), "T >= 1"), (np.zeros((64, 2), np.float32).T, "contig"),
+           ([[0.0] * 64], "numpy array")]
+    for x, what in bad:
+        with pytest.raises(MoEError, match=what):
+            layer(x, device="cuda")
+    with pytest.raises(MoEError, match="out"):
+        nm.cuda.moe_forward_cuda(layer, cuda.to_device(np.zeros((2, 64), np.float32)),
+                                 out=cuda.device_array((3, 64), np.float32))
+
+
+# ------------------------------------------------------------ real GPU only
+
+KQ = dict(hidden_size=1024, expert_intermediate=512, num_experts=32, top_k=4)
+
+
+@gpu_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("types", [("Q4_K", "Q6_K"), ("Q5_K", "Q8_0")])
+def test_forward_kquants_all_batch_sizes(make_model, types):
+    layer = _layer(make_model, "kq_" + "_".join(types), arch="qwen3moe", gate_type=types[0],
+                   up_type=types[0], down_type=types[1], **KQ)
+    # first call per T runs eagerly and captures; the second replays the graph
+    for t in (1, 4, 16, 64, 300, 1, 64):
+        _check_forward(layer, t, seed=t)
+
+
+@gpu_only
+@pytest.mark.cuda
+def test_forward_shared_expert_and_fused_gate_up(make_model):
+    layer = _layer(make_model, "kq_shared", arch="qwen2moe", shared_intermediate=768,
+                   fused_gate_up=True, **KQ)
+    for t in (3, 3, 100, 100):
+        _check_forward(layer, t, seed=t)
+
+
+@gpu_only
+@pytest.mark.cuda
+def test_forward_torch_or_cupy_input(make_model):
+    layer = _layer(make_model, "kq_q4", arch="qwen3moe", **KQ)
+    x = np.random.default_rng(9).standard_normal((5, 1024)).astype(np.float32)
+    ref = moe_forward_float64(layer, x)
+    try:
+        import torch
+
+        d_x = torch.from_numpy(x).cuda()
+        back = lambda y: torch.as_tensor(y, device="cuda").cpu().numpy()  # noqa: E731
+    except ImportError:
+        cp = pytest.importorskip("cupy")
+        d_x = cp.asarray(x)
+        back = lambda y: cp.asnumpy(cp.asarray(y))  # noqa: E731
+    y = back(layer(d_x, device="cuda"))
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-4

@@ -1,0 +1,242 @@
+"""Each CUDA kernel against its CPU twin and a float64 reference.
+
+Runs on a real GPU when there is one, else in numba's CUDA simulator with
+small shapes (``cuda_backend`` picks); ``gpu_only`` tests use sizes only a
+GPU runs in reasonable time.  Outputs are poisoned before every kernel.
+"""
+import cuda_backend  # noqa: F401  (must precede numba.cuda)
+import gguf
+import numpy as np
+import pytest
+from cuda_backend import SIMULATOR, gpu_only, need_cuda
+
+import numba_moe as nm
+from numba_moe.errors import MoEError
+from numba_moe.experts import ExpertTensor
+
+pytestmark = need_cuda
+Q = gguf.GGMLQuantizationType
+
+if cuda_backend.usable:
+    from numba import cuda
+
+    from numba_moe.config import CUDA_LAUNCH
+    from numba_moe.cuda import combine, expert_gemm, plan_device, topk_route
+    from numba_moe.cuda.plan import empty_plan
+
+
+def _poison(shape, dtype):
+    fill = np.nan if np.dtype(dtype).kind == "f" else -7
+    return cuda.to_device(np.full(shape, fill, dtype=dtype))
+
+
+def _rel(got, ref):
+    return np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
+
+
+# ------------------------------------------------------------------ routing
+
+ROUTINGS = [
+    dict(gating="softmax", norm_topk_prob=True),
+    dict(gating="softmax", norm_topk_prob=False, scale=2.5),
+    dict(gating="sigmoid", norm_topk_prob=True, bias=True, n_group=4, topk_group=2, scale=1.5),
+    dict(gating="softmax_weight"),
+]
+
+
+def _route_both(logits, k, opts, rng):
+    opts = dict(opts)
+    bias = rng.standard_normal(logits.shape[1]).astype(np.float32) * 0.1 \
+        if opts.pop("bias", False) else None
+    ref = nm.route(logits, k, selection_bias=bias, **opts)
+    t = logits.shape[0]
+    out = (_poison((t, k), np.int32), _poison((t, k), np.float32))
+    got = topk_route(logits, k, selection_bias=bias, out=out, **opts)
+    return ref, got.expert_ids.copy_to_host(), got.expert_weights.copy_to_host()
+
+
+@pytest.mark.parametrize("opts", ROUTINGS, ids=lambda o: o["gating"] + str(len(o)))
+def test_topk_matches_cpu(opts):
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, 16)).astype(np.float32)
+    ref, ids, w = _route_both(logits, 4, opts, rng)
+    np.testing.assert_array_equal(ids, ref.expert_ids)
+    np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0)
+
+
+def test_topk_ties_nan_and_inf_rows():
+    logits = np.array([[1, 3, 3, 0, 3, -1, 2, 2],           # ties go to the lower id
+                       [np.nan] * 8,                        # all NaN: ids 0..K-1
+                       [0, np.nan, 5, 1, -np.inf, 2, 2, 0]], np.float32)
+    for gating in ("softmax", "sigmoid", "softmax_weight"):
+        ref, ids, w = _route_both(logits, 3, dict(gating=gating), np.random.default_rng(0))
+        np.testing.assert_array_equal(ids, ref.expert_ids)
+        np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0, equal_nan=True)
+
+
+@gpu_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("opts", ROUTINGS, ids=lambda o: o["gating"] + str(len(o)))
+def test_topk_large_matches_cpu(opts):
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((300, 512)).astype(np.float32)
+    ref, ids, w = _route_both(logits, 32, opts, rng)
+    np.testing.assert_array_equal(ids, ref.expert_ids)
+    np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0)
+
+
+def test_topk_rejects_bad_input():
+    with pytest.raises(MoEError, match="logits"):
+        topk_route(np.zeros((2, 8), np.float64), 2)
+    with pytest.raises(MoEError, match="top_k"):
+        topk_route(np.zeros((2, 64), np.float32), 33)
+
+
+# --------------------------------------------------------------------- plan
+
+def _check_plan(ids, n_exp, bs):
+    t, k = ids.shape
+    p = t * k
+    out = empty_plan(p, n_exp, bs)
+    for a in out:
+        a.copy_to_device(np.full(a.shape, -7, np.int32))
+    got = plan_device(ids, n_exp, bs, out=out)
+    ref = nm.BucketPlan.build(ids, np.ones(ids.shape, np.float32), n_exp)
+    np.testing.assert_array_equal(got.offsets.copy_to_host(), ref.expert_offsets)
+    np.testing.assert_array_equal(got.packed_token_idx.copy_to_host()[:p], ref.packed_token_idx)
+    np.testing.assert_array_equal(got.pairs_by_token.copy_to_host()[:p], ref.pairs_by_token)
+    al = nm.moe_align_block_size(ids, n_exp, bs)
+    meta = got.meta.copy_to_host()
+    counts = np.bincount(ids.ravel(), minlength=n_exp)
+    assert meta[0] == np.count_nonzero(counts)
+    np.testing.assert_array_equal(got.active.copy_to_host()[:meta[0]], np.flatnonzero(counts))
+    assert meta[1] == al.num_tokens_post_padded
+    np.testing.assert_array_equal(got.sorted_ids.copy_to_host()[:meta[1]], al.sorted_token_ids)
+    np.testing.assert_array_equal(got.block_expert.copy_to_host()[:meta[1] // bs],
+                                  al.block_expert_ids)
+
+
+@pytest.mark.parametrize("bs", [8] if SIMULATOR else [8, 16, 48])
+def test_plan_matches_cpu(bs, monkeypatch):
+    # 8 threads for 12 experts and 33 pairs: chunked scans and several
+    # placement rounds; experts 3, 6, 9 and 10 get no pairs
+    monkeypatch.setattr(CUDA_LAUNCH, "scan_threads", 8)
+    rng = np.random.default_rng(bs)
+    ids = rng.choice([0, 1, 2, 4, 5, 7, 8, 11], size=(11, 3)).astype(np.int32)
+    _check_plan(ids, 12, bs)
+
+
+@gpu_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_plan_large_matches_cpu(t):
+    rng = np.random.default_rng(t)
+    ids = np.stack([rng.permutation(128)[:8] for _ in range(t)]).astype(np.int32)
+    _check_plan(ids, 128, 64)
+
+
+def test_plan_rejects_bad_ids():
+    with pytest.raises(MoEError, match="expert_ids"):
+        plan_device(np.array([[0, 9]], np.int32), 4, 16)
+    with pytest.raises(MoEError, match="block_size"):
+        plan_device(np.array([[0, 1]], np.int32), 4, 12)
+
+
+# ------------------------------------------------------------------ GEMMs
+
+def _random_tensor(qtype, e, rows, cols, rng, name):
+    """Random bytes with sane fp16 scales: valid blocks of any type."""
+    bsz, tsz = gguf.GGML_QUANT_SIZES[qtype]
+    n = e * rows * cols // bsz
+    if qtype == Q.F32:
+        return ExpertTensor(name, qtype, e, rows, cols,
+                            rng.standard_normal((e, rows, cols)).astype(np.float32))
+    if qtype == Q.F16:
+        raw = rng.standard_normal(n * bsz).astype(np.float16).view(np.uint8)
+        return ExpertTensor(name, qtype, e, rows, cols, raw.reshape(e, rows, -1))
+    b = rng.integers(0, 256, size=(n, tsz), dtype=np.uint8)
+    scale = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,)}[qtype]
+    for off in scale:
+        b[:, off:off + 2] = rng.uniform(0.002, 0.02, n).astype(np.float16).view(
+            np.uint8).reshape(n, 2)
+    return ExpertTensor(name, qtype, e, rows, cols, b.reshape(e, rows, -1))
+
+
+def _gemm_reference(g, u, x, ids):
+    """float64 rows by BucketPlan slot: silu(G x) * (U x), or W x_slot."""
+    t, k = ids.shape
+    plan = nm.BucketPlan.build(ids, np.ones(ids.shape, np.float32), g.num_experts)
+    gd = g.dense().astype(np.float64)
+    ud = None if u is None else u.dense().astype(np.float64)
+    ref = np.empty((t * k, g.rows))
+    for slot in range(t * k):
+        p = plan.pair_of_slot[slot]
+        e = ids[p // k, p % k]
+        if ud is None:
+            ref[slot] = gd[e] @ x[slot]
+        else:
+            a = gd[e] @ x[p // k]
+            ref[slot] = a / (1 + np.exp(-a)) * (ud[e] @ x[p // k])
+    return ref
+
+
+def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed):
+    rng = np.random.default_rng(seed)
+    g = _random_tensor(qtype, e, rows, cols, rng, "gate")
+    u = _random_tensor(qtype, e, rows, cols, rng, "up") if gate_up else None
+    ids = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
+    x = rng.standard_normal((t if gate_up else t * k, cols)).astype(np.float32)
+    out = _poison((t * k, rows), np.float32)
+    got = expert_gemm(g, x, ids, up=u, kernel=kernel, out=out).copy_to_host()
+    assert not np.isnan(got).any()
+    assert _rel(got, _gemm_reference(g, u, x, ids)) < 1e-5
+
+
+SIM_GEMMS = [(Q.Q4_K, "gemv", True), (Q.Q5_K, "gemv", True),
+             (Q.Q6_K, "gemv", False), (Q.Q8_0, "gemv", True), (Q.F16, "gemv", False),
+             (Q.Q4_K, "tiled", True), (Q.Q6_K, "tiled", False)]
+
+
+@pytest.mark.filterwarnings("ignore:.*(no native kernel|dequantiz)")
+@pytest.mark.parametrize("qtype,kernel,gate_up", SIM_GEMMS,
+                         ids=lambda v: v.name if isinstance(v, Q) else str(v))
+def test_gemm_matches_reference(qtype, kernel, gate_up):
+    # rows 12: a partial row group; 3 tokens x 2 experts of 3
+    _check_gemm(qtype, kernel, gate_up, 3, 12, 256, 3, 2, seed=int(qtype))
+
+
+@gpu_only
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:.*(no native kernel|dequantiz)")
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+@pytest.mark.parametrize("gate_up", [True, False])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.F16])
+def test_gemm_large_matches_reference(qtype, kernel, gate_up):
+    _check_gemm(qtype, kernel, gate_up, 16, 200, 1024, 40, 4, seed=int(qtype))
+
+
+def test_gemm_rejects_mismatched_x():
+    rng = np.random.default_rng(0)
+    g = _random_tensor(Q.Q8_0, 2, 4, 64, rng, "w")
+    with pytest.raises(MoEError, match="x must have shape"):
+        expert_gemm(g, np.zeros((3, 64), np.float32), np.zeros((2, 1), np.int32))
+
+
+# ------------------------------------------------------------------ combine
+
+@pytest.mark.parametrize("t,k,width", [(3, 2, 8)] + ([] if SIMULATOR else [(257, 8, 2048)]))
+def test_combine_matches_reference(t, k, width):
+    rng = np.random.default_rng(t)
+    rows = rng.standard_normal((t * k, width)).astype(np.float32)
+    pbt = rng.permutation(t * k).astype(np.int32).reshape(t, k)
+    w = rng.random((t, k)).astype(np.float32)
+    out = _poison((t, width), np.float32)
+    got = combine(rows, pbt, w, out=out).copy_to_host()
+    ref = np.einsum("tk,tkh->th", w.astype(np.float64), rows[pbt].astype(np.float64))
+    assert _rel(got, ref) < 1e-6
+
+
+def test_combine_rejects_bad_slots():
+    with pytest.raises(MoEError, match="pairs_by_token"):
+        combine(np.zeros((2, 4), np.float32), np.array([[0, 2]], np.int32),
+                np.ones((1, 2), np.float32))
