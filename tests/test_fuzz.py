@@ -17,6 +17,9 @@ Mutations (:func:`mutate`), picked per case from a seed:
   length, a value type, a tensor's dimension count, dimensions, type or
   offset) with an "interesting" value (0, 1, -1, 2**31, 2**32, 2**63,
   the file size, ...);
+* ``shift``: delete or insert 1-8 bytes inside the header (everything after
+  it moves);
+* ``splice``: copy a random run of header bytes over another place of the header;
 * ``data``: overwrite random bytes of the tensor data;
 * ``scales``: write fp16 inf / NaN / 65504 over block scales of the data.
 
@@ -58,12 +61,12 @@ BASES = {
                       fused_gate_up=True, gating_func="sigmoid", n_group=2, topk_group=1,
                       norm_topk_prob=True, weights_scale=2.0),
 }
-MUTATIONS = ("truncate", "bitflip", "byte", "field", "data", "scales")
+MUTATIONS = ("truncate", "bitflip", "byte", "field", "shift", "splice", "data", "scales")
 # Values a corrupt field is set to, besides ones derived from the file size.
 INTERESTING = (0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31,
                2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1)
 FUZZ_TOKENS = 3
-CI_CASES = 400
+CI_CASES = 1500
 
 
 class BaseFile:
@@ -118,6 +121,17 @@ def mutate(base: BaseFile, rng: np.random.Generator):
                                  old ^ (1 << int(rng.integers(8 * n))))
         v = int(choices[rng.integers(len(choices))]) % (1 << (8 * n))
         struct.pack_into("<I" if n == 4 else "<Q", b, off, v)
+    elif kind == "shift":
+        i = int(rng.integers(0, base.header_end))
+        n = int(rng.integers(1, 9))
+        if rng.random() < 0.5:
+            del b[i:i + n]
+        else:
+            b[i:i] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    elif kind == "splice":
+        n = int(rng.integers(1, 33))
+        src, dst = (int(v) for v in rng.integers(0, base.header_end - n, 2))
+        b[dst:dst + n] = b[src:src + n]
     elif kind == "data":
         for _ in range(rng.integers(1, 9)):
             b[rng.integers(base.header_end, size)] = int(rng.integers(256))
