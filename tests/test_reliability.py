@@ -713,3 +713,18 @@ def test_combine_reads_rows_past_2_31_elements(tmp_path):
     want = np.stack([w[0] * rows[0] + w[1] * rows[1], w[2] * rows[2] + w[3] * rows[3]])
     np.testing.assert_allclose(out, want, rtol=1e-6)
     del y
+
+
+@pytest.mark.xfail(strict=True, reason="cuda/combine.py launch_combine: grid = (.., n_tok) puts "
+                   "tokens on gridDim.y, which CUDA limits to 65535: combine() and "
+                   "layer(x, device='cuda') with T >= 65536 fail with CUDA_ERROR_INVALID_VALUE "
+                   "(seen on an H100)")
+def test_cuda_more_tokens_than_grid_y(layer):
+    """Large T on the GPU (T = 65535 with T*K*H > 2**32 ran right on an H100)."""
+    backend = pytest.importorskip("cuda_backend")
+    if backend.SIMULATOR or not backend.usable:
+        pytest.skip("needs a real GPU")
+    x = _x(65536, seed=9)
+    y = layer(x, device="cuda")
+    pick = np.r_[0:2, 65534:65536]
+    np.testing.assert_allclose(y[pick], layer(x[pick]), rtol=1e-2, atol=1e-3)
