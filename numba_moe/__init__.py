@@ -12,6 +12,7 @@ from .plan import AlignedRouting, BucketPlan, moe_align_block_size, pick_block_s
 from . import quants
 from .layer import MoELayer, SharedExpert, load_moe_layer
 from .writer import write_moe_gguf
+from . import threading_guard
 
 __version__ = "0.1.0"
 
@@ -20,3 +21,4 @@ __all__ += ["route", "route_into", "RouterOutput", "BucketPlan", "moe_align_bloc
             "AlignedRouting", "pick_block_size"]
 __all__ += ["quants"]
 __all__ += ["MoELayer", "SharedExpert", "load_moe_layer", "write_moe_gguf"]
+__all__ += ["threading_guard"]
