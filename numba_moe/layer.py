@@ -143,7 +143,12 @@ class MoELayer:
             raise MoEError("x: expected at least one token (T >= 1), got T=0")
         if not x.flags.c_contiguous:
             raise MoEError("x: expected a C-contiguous array; pass np.ascontiguousarray(x)")
-        return x
+        if isinstance(x, np.ma.MaskedArray):
+            raise MoEError("x: expected a plain numpy.ndarray, got a masked array (the kernels "
+                           "cannot honour the mask)")
+        # Numba types subclasses (np.matrix, ...) differently or not at all:
+        # hand the kernels a plain zero-copy view.
+        return x if type(x) is np.ndarray else x.view(np.ndarray)
 
     # -- routing ----------------------------------------------------------
 
