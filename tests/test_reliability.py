@@ -75,6 +75,7 @@ def _bad_x_cases():
         (_x(0), r"x: expected at least one token \(T >= 1\)"),
         (wide[:, ::2], "x: expected a C-contiguous array"),
         (np.asfortranarray(_x(4)), "x: expected a C-contiguous array"),
+        (np.ma.masked_array(_x(), mask=np.zeros((3, H), bool)), "x: expected a plain numpy"),
     ]
 
 
@@ -86,6 +87,18 @@ def test_layer_rejects_bad_x(layer, x, match):
         layer.route(x)
     with override(path="reference"), pytest.raises(MoEError, match=match):
         layer(x)
+
+
+def test_layer_takes_ndarray_subclasses_as_plain_arrays(layer, tmp_path):
+    x = _x(4, seed=8)
+    want = layer(x)
+    mm = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    for sub in (np.matrix(x), mm):
+        y = layer(sub)
+        assert type(y) is np.ndarray
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(layer.route(sub).expert_ids, layer.route(x).expert_ids)
 
 
 def test_layer_rejects_bad_device(layer):
