@@ -25,7 +25,7 @@ from ..errors import MoEError
 from ..quants.floatbits import nearest_int
 from ..threading_guard import parallel_launch
 
-__all__ = ["QMAX", "quantize_rows", "quantize_row_into"]
+__all__ = ["QMAX", "quantize_rows", "quantize_row_into", "quantize_rows_into"]
 
 #: Largest activation code; ``iscale = -QMAX / max``.
 QMAX = 2047
@@ -82,11 +82,35 @@ def quantize_row_into(x, q, d, mb):
             mb[b * 8 + s] = dd * np.float32(tot)
 
 
-@njit(parallel=True, cache=True)
-def _quantize_rows_kernel(x, n, q, d, mb):
-    """Rows ``0 .. n-1`` of ``x`` into ``q``, ``d``, ``mb`` (one row per iteration)."""
+# Below this many values a parallel launch costs more than it saves (and on
+# a shared machine it waits for a second core): quantize on the caller's thread.
+SERIAL_MAX_VALUES = 1 << 16
+
+
+@njit(inline="always", cache=True)
+def _quantize_rows_loop(x, n, q, d, mb):
     for r in prange(n):
         quantize_row_into(x[r], q[r], d[r], mb[r])
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows_parallel(x, n, q, d, mb):
+    _quantize_rows_loop(x, n, q, d, mb)
+
+
+@njit(cache=True)
+def _quantize_rows_serial(x, n, q, d, mb):
+    _quantize_rows_loop(x, n, q, d, mb)
+
+
+def quantize_rows_into(x, n, q, d, mb):
+    """Rows ``0 .. n-1`` of ``x`` into ``q``, ``d``, ``mb`` (no validation;
+    one thread below :data:`SERIAL_MAX_VALUES` values, all threads above)."""
+    if n * x.shape[1] <= SERIAL_MAX_VALUES:
+        _quantize_rows_serial(x, n, q, d, mb)
+    else:
+        with parallel_launch():
+            _quantize_rows_parallel(x, n, q, d, mb)
 
 
 def quantize_rows(x, n=None, out=None):
@@ -132,6 +156,5 @@ def quantize_rows(x, n=None, out=None):
                 raise MoEError(f"out[{name}]: expected a C-contiguous {np.dtype(t).name} "
                                f"array [>= {n}, {s[0]}]")
     if n:
-        with parallel_launch():
-            _quantize_rows_kernel(x, n, *out)
+        quantize_rows_into(x, n, *out)
     return out

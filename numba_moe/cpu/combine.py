@@ -13,7 +13,7 @@ from numba import njit, prange
 from ..errors import MoEError
 from ..threading_guard import parallel_launch
 
-__all__ = ["combine", "SHARED_NONE", "SHARED_PLAIN", "SHARED_GATED"]
+__all__ = ["combine", "combine_into", "SHARED_NONE", "SHARED_PLAIN", "SHARED_GATED"]
 
 #: Shared-expert modes of :func:`combine`.
 SHARED_NONE = 0
@@ -21,13 +21,16 @@ SHARED_PLAIN = 1
 SHARED_GATED = 2
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def _combine_kernel(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out):
-    """One token row per ``prange`` iteration; see the module docstring.
+# Below this many multiply-adds the combine runs on the caller's thread.
+SERIAL_MAX_MACS = 1 << 17
+# reassoc/contract only let the x . gate_inp sum vectorize; the k-sum order
+# is fixed by the loop.
+_FASTMATH = {"reassoc", "contract"}
 
-    ``fastmath`` reassoc/contract only lets the ``x . gate_inp`` sum
-    vectorize; the k-sum order is fixed by the loop.
-    """
+
+@njit(inline="always", cache=True)
+def _combine_loop(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out):
+    """One token row per ``prange`` iteration; see the module docstring."""
     n_tok, hidden = out.shape
     for t in prange(n_tok):
         o = out[t]
@@ -52,6 +55,26 @@ def _combine_kernel(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gat
             src = ys[t]
             for c in range(hidden):
                 o[c] += s * src[c]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _combine_parallel(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out):
+    _combine_loop(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _combine_serial(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out):
+    _combine_loop(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out)
+
+
+def combine_into(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out):
+    """Kernel launch of :func:`combine` without validation (serial when small)."""
+    if out.shape[0] * out.shape[1] * (top_k + 1) <= SERIAL_MAX_MACS:
+        _combine_serial(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp, x, out)
+    else:
+        with parallel_launch():
+            _combine_parallel(y, pairs_by_token, pair_weights, top_k, shared_mode, ys, gate_inp,
+                              x, out)
 
 
 def combine(y, pairs_by_token, pair_weights, top_k, out, shared=None, gate_inp=None, x=None):
@@ -99,7 +122,5 @@ def combine(y, pairs_by_token, pair_weights, top_k, out, shared=None, gate_inp=N
         mode = SHARED_GATED
     if mode != SHARED_NONE and (shared.shape[0] < n_tok or shared.shape[1] != hidden):
         raise MoEError(f"shared: expected shape [>= {n_tok}, {hidden}]")
-    with parallel_launch():
-        _combine_kernel(y, pairs_by_token, pair_weights, int(top_k), mode, shared, gate_inp, x,
-                        out)
+    combine_into(y, pairs_by_token, pair_weights, int(top_k), mode, shared, gate_inp, x, out)
     return out

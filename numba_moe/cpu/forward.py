@@ -28,8 +28,8 @@ import numpy as np
 from ..profile import phase
 from ..routing import route_into
 from ..threading_guard import parallel_launch
-from .actquant import _quantize_rows_kernel
-from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, _combine_kernel
+from .actquant import quantize_rows_into
+from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, combine_into
 from .gemm import _DECODE_WEIGHT, QT_DENSE, TILE_ROWS, _down_kernel, _gate_up_kernel
 from .schedule import schedule_items
 from .workspace import workspace_for
@@ -78,7 +78,7 @@ def _gemm1(ws, branch, offsets, tokens, x):
 
 def _act(branch, slots):
     if branch.down.qt != QT_DENSE and slots:
-        _quantize_rows_kernel(branch.h, slots, *branch.hq)
+        quantize_rows_into(branch.h, slots, *branch.hq)
 
 
 def _gemm2(ws, branch, offsets):
@@ -134,7 +134,7 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
                 _schedule(shared, ws.shared_offsets, nbins)
         with phase("gather"):
             if ws.any_native_in:
-                _quantize_rows_kernel(x, T, *ws.xq)
+                quantize_rows_into(x, T, *ws.xq)
         with phase("gemm1"):
             _gemm1(ws, routed, plan.expert_offsets, plan.packed_token_idx, x)
             if shared is not None:
@@ -154,6 +154,6 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
                 mode, ys, gate_inp = SHARED_PLAIN, shared.y, x[0, :0]
             else:
                 mode, ys, gate_inp = SHARED_GATED, shared.y, ws.shared_gate
-            _combine_kernel(routed.y, plan.pairs_by_token, plan.pair_weights, K, mode, ys,
-                            gate_inp, x, out)
+            combine_into(routed.y, plan.pairs_by_token, plan.pair_weights, K, mode, ys, gate_inp,
+                         x, out)
     return out
