@@ -195,7 +195,10 @@ class GGUFFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise GGUFError(f"{self.path}: no such file")
-        _check_header(self.path)
+        try:
+            _check_header(self.path)
+        except OSError as exc:  # permissions, I/O errors, a file that vanished
+            raise GGUFError(f"{self.path}: cannot read the file: {exc}") from exc
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as exc:  # gguf raises ValueError, KeyError, IndexError, ...
