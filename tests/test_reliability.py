@@ -576,6 +576,21 @@ def test_duplicate_or_renamed_names(qwen, tmp_path, old, new, match):
         nm.load_moe_layer(dst)
 
 
+def test_unreadable_file(qwen, monkeypatch):
+    import numba_moe.gguf_io as gguf_io
+
+    class _NoMap:
+        ACCESS_READ = 1
+
+        @staticmethod
+        def mmap(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(gguf_io, "mmap", _NoMap)
+    with pytest.raises(GGUFError, match="cannot read the file: .*Permission denied"):
+        nm.load_moe_layer(qwen)
+
+
 def test_big_endian_file_is_refused(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "be.gguf"), "qwen3moe", endianess=gguf.GGUFEndian.BIG)
     w.add_block_count(1)
