@@ -13,6 +13,7 @@ from . import quants
 from .layer import MoELayer, SharedExpert, load_moe_layer
 from .writer import write_moe_gguf
 from . import threading_guard
+from .reference import moe_forward_float64, moe_forward_reference
 
 __version__ = "0.1.0"
 
@@ -22,3 +23,4 @@ __all__ += ["route", "route_into", "RouterOutput", "BucketPlan", "moe_align_bloc
 __all__ += ["quants"]
 __all__ += ["MoELayer", "SharedExpert", "load_moe_layer", "write_moe_gguf"]
 __all__ += ["threading_guard"]
+__all__ += ["moe_forward_reference", "moe_forward_float64"]
