@@ -124,7 +124,8 @@ def main(argv=None) -> int:
             dt = time.perf_counter() - t0
             a = rss()
             print(f"forward T={T:<3} ({distinct:3d} distinct experts, "
-                  f"{distinct * layer.expert_bytes() / MiB:6.1f} MiB of blocks): {dt * 1e3:8.1f} ms, "
+                  f"{distinct * layer.expert_bytes() / MiB:6.1f} MiB of blocks): "
+                  f"{dt * 1e3:8.1f} ms, "
                   f"RSS anon {(a[0] - b[0]) / MiB:+.1f} MiB, file {(a[1] - b[1]) / MiB:+.1f} MiB")
         del layer
     return 0

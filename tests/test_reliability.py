@@ -124,7 +124,8 @@ _LOGITS = np.random.default_rng(3).standard_normal((5, E)).astype(np.float32)
     (dict(top_k=2, n_group=0), r"n_group must be in \[1, 8\], got 0"),
     (dict(top_k=2, n_group=4, topk_group=5), r"topk_group must be in \[1, 4\], got 5"),
     (dict(top_k=5, n_group=4, topk_group=2), "cannot supply top_k=5"),
-    (dict(top_k=2, selection_bias=np.zeros(7, np.float32)), r"selection_bias must have shape \(8,\)"),
+    (dict(top_k=2, selection_bias=np.zeros(7, np.float32)),
+     r"selection_bias must have shape \(8,\)"),
     (dict(top_k=2, selection_bias=np.zeros(8, np.int32)), "selection_bias must be a float array"),
 ])
 def test_route_rejects_bad_options(kwargs, match):
@@ -221,7 +222,8 @@ def test_pick_block_size_rejects():
 
 def test_expert_tensor_checks_ids(layer):
     layer.gate.check_expert_ids(np.array([0, 7]))
-    with pytest.raises(MoEError, match=r"expert id 8 out of range \[0, 8\) for blk.0.ffn_gate_exps"):
+    with pytest.raises(MoEError,
+                       match=r"expert id 8 out of range \[0, 8\) for blk.0.ffn_gate_exps"):
         layer.gate.check_expert_ids(np.array([0, 8]))
     with pytest.raises(MoEError, match="expert id -3 out of range"):
         layer.down.check_expert_ids(np.array([[-3]]))
@@ -261,7 +263,8 @@ def test_cpu_kernel_wrappers_reject(layer):
     x = _x(4)
     plan = _plan_for(layer, x)
     off, tok = plan.expert_offsets, plan.packed_token_idx
-    with pytest.raises(MoEError, match=r"expert_offsets: expected a C-contiguous int64 array \[9\]"):
+    with pytest.raises(MoEError,
+                       match=r"expert_offsets: expected a C-contiguous int64 array \[9\]"):
         grouped_gate_up(layer.gate, layer.up, x, off[:-1], tok)
     bad = off.copy()
     bad[3], bad[4] = bad[4] + 1, bad[3]
@@ -391,8 +394,8 @@ def test_bad_metadata_values(qwen, tmp_path, key, value, match):
     ("deepseek2.expert_group_used_count", 5, "expert_group_used_count = 5 is invalid"),
     ("deepseek2.expert_group_count", 0, "'deepseek2.expert_group_count' = 0, expected >= 1"),
     ("deepseek2.expert_gating_func", 3, "expert_gating_func = 3: expected 1 .softmax. or 2"),
-    ("deepseek2.expert_weights_scale", float("nan"), "expert_weights_scale' = nan, expected a finite"),
-    ("deepseek2.expert_weights_scale", float("inf"), "expert_weights_scale' = inf, expected a finite"),
+    ("deepseek2.expert_weights_scale", float("nan"), "weights_scale' = nan, expected a finite"),
+    ("deepseek2.expert_weights_scale", float("inf"), "weights_scale' = inf, expected a finite"),
     ("deepseek2.expert_shared_count", 1,
      r"ffn_gate_shexp.weight' has shape \[512, 256\], the metadata implies \[256, 256\]"),
     ("deepseek2.leading_dense_block_count", 1, "layer 0 is a dense FFN layer"),
@@ -435,11 +438,13 @@ def test_metadata_of_the_wrong_type(qwen, tmp_path):
     V = gguf.GGUFValueType
     dst = _rewrite(qwen, tmp_path / "a.gguf",
                    key_types={"qwen3moe.embedding_length": ("256", V.STRING)})
-    with pytest.raises(GGUFError, match="'qwen3moe.embedding_length' should be an integer, got '256'"):
+    with pytest.raises(GGUFError,
+                       match="'qwen3moe.embedding_length' should be an integer, got '256'"):
         nm.load_moe_layer(dst)
     dst = _rewrite(qwen, tmp_path / "b.gguf",
                    key_types={"qwen3moe.expert_used_count": (True, V.BOOL)})
-    with pytest.raises(GGUFError, match="'qwen3moe.expert_used_count' should be an integer, got True"):
+    with pytest.raises(GGUFError,
+                       match="'qwen3moe.expert_used_count' should be an integer, got True"):
         nm.load_moe_layer(dst)
     dst = _rewrite(qwen, tmp_path / "c.gguf",
                    key_types={"qwen3moe.expert_count": (8.5, V.FLOAT32)})
@@ -487,7 +492,8 @@ def test_tensor_bytes_must_match_shape_and_type(qwen, tmp_path):
     t = tensors["blk.0.ffn_down_exps.weight"]
     # 9 experts declared where the file holds 8: past the end of the file
     dst = _patched(qwen, tmp_path / "a.gguf", [(t["dims"] + 16, "Q", 9)])
-    with pytest.raises(GGUFError, match=r"'blk.0.ffn_down_exps.weight' needs \d+ bytes .* past the end"):
+    with pytest.raises(GGUFError,
+                       match=r"'blk.0.ffn_down_exps.weight' needs \d+ bytes .* past the end"):
         nm.load_moe_layer(dst)
     # Q4_K -> Q5_K: more bytes, so the next tensor would not start where stored
     g = tensors["blk.0.ffn_gate_exps.weight"]
@@ -553,7 +559,8 @@ def test_corrupt_header_fields(qwen, tmp_path, what, edit, match):
 def test_truncated_anywhere(qwen, tmp_path, keep):
     data = open(qwen, "rb").read()
     header = gguf.GGUFReader(qwen).data_offset
-    n = {"empty": 0, "header": header - 1, "data": header + 10, "last": len(data) - 1}.get(keep, keep)
+    n = {"empty": 0, "header": header - 1, "data": header + 10,
+         "last": len(data) - 1}.get(keep, keep)
     dst = tmp_path / "t.gguf"
     dst.write_bytes(data[:n])
     with pytest.raises(GGUFError, match="truncated"):
@@ -607,7 +614,8 @@ def _realigned(src, dst, alignment, pad):
     w.add_custom_alignment(alignment)
     w.add_string("pad", "x" * pad)
     for name, field in r.fields.items():
-        if not name.startswith("GGUF.") and name not in ("general.architecture", "general.alignment"):
+        if not name.startswith("GGUF.") and name not in ("general.architecture",
+                                                           "general.alignment"):
             w.add_key_value(name, field.contents(), field.types[0])
     for t in r.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)

@@ -10,7 +10,6 @@ forced, so an abort shows as an exit status instead of killing pytest.
 """
 import subprocess
 import sys
-import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,7 +55,8 @@ def _run_threads(jobs):
 
 def test_threading_layer_is_known():
     assert threading_guard.threading_layer() in ("tbb", "omp", "workqueue")
-    assert threading_guard.serializes_launches() is (threading_guard.threading_layer() == "workqueue")
+    layer = threading_guard.threading_layer()
+    assert threading_guard.serializes_launches() is (layer == "workqueue")
 
 
 def test_same_layer_from_many_threads(layers):
@@ -193,7 +193,8 @@ def test_forward_under_workqueue_does_not_abort(layers):
 
 @pytest.mark.xfail(strict=True, reason="quants/dequant.py dequantize() launches the parallel "
                    "native drivers (_dequant_*_blocks) without threading_guard.parallel_launch(): "
-                   "four threads dequantizing under the workqueue layer abort the process (SIGABRT)")
+                   "four threads dequantizing under the workqueue layer abort the process "
+                   "(SIGABRT)")
 def test_dequantize_under_workqueue_does_not_abort(layers):
     r = _workqueue("dequant", [layers[0].path])
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-600:]}"
