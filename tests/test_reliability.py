@@ -89,6 +89,7 @@ def test_layer_rejects_bad_x(layer, x, match):
         layer(x)
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.matrix
 def test_layer_takes_ndarray_subclasses_as_plain_arrays(layer, tmp_path):
     x = _x(4, seed=8)
     want = layer(x)
