@@ -191,10 +191,6 @@ def test_forward_under_workqueue_does_not_abort(layers):
     assert "mismatches 0" in r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="quants/dequant.py dequantize() launches the parallel "
-                   "native drivers (_dequant_*_blocks) without threading_guard.parallel_launch(): "
-                   "four threads dequantizing under the workqueue layer abort the process "
-                   "(SIGABRT)")
 def test_dequantize_under_workqueue_does_not_abort(layers):
     r = _workqueue("dequant", [layers[0].path])
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-600:]}"

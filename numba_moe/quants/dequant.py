@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import MoEError
+from ..threading_guard import parallel_launch
 from .fp16 import f16_bytes_to_f32
 from .qtypes import NATIVE_TYPES, as_qtype, block_geometry
 
@@ -281,7 +282,8 @@ def dequantize(data, qtype):
         return _dequantize_fallback(blocks, qt, out_shape)
     out = np.empty(out_shape, dtype=np.float32)
     if out.size:
-        driver(blocks.reshape(-1, block_bytes), out.reshape(-1, block_values))
+        with parallel_launch():
+            driver(blocks.reshape(-1, block_bytes), out.reshape(-1, block_values))
     return out
 
 
