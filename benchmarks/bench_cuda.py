@@ -130,11 +130,18 @@ def main(argv=None):
     ap.add_argument("--phases", action="store_true")
     ap.add_argument("--paths", action="store_true")
     ap.add_argument("--warps", type=int, default=None, help="CUDA_LAUNCH.gemv_warps")
+    ap.add_argument("--blocks", type=int, default=None, help="CUDA_LAUNCH.gemv_min_blocks")
+    ap.add_argument("--per-lane", type=int, default=None,
+                    help="CUDA_LAUNCH.gemv_chunks_per_lane")
     args = ap.parse_args(argv)
     # grouped launches size their grids for the worst case; idle blocks exit
     warnings.filterwarnings("ignore", message=".*Grid size")
     if args.warps:
         CUDA_LAUNCH.gemv_warps = args.warps
+    if args.blocks:
+        CUDA_LAUNCH.gemv_min_blocks = args.blocks
+    if args.per_lane:
+        CUDA_LAUNCH.gemv_chunks_per_lane = args.per_lane
 
     dev = cuda.get_current_device()
     print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}")

@@ -142,21 +142,29 @@ class CudaLaunch:
         Tokens (one warp each) per block of the routing kernel.
     gemv_max_tokens : int
         Largest average number of tokens per expert (``T * K / E``; ``T`` for
-        the router and the shared expert) served by the GEMV kernel; above
-        it the tiled kernel runs.
+        the shared expert) served by the GEMV kernel; above it the tiled
+        kernel runs.  The router always takes the GEMV kernel.
     graphs : bool
         Capture each token count's forward into a CUDA graph and replay it
         (ignored under the simulator and while profiling).
+    gemv_min_blocks : int
+        Register budget of the GEMV kernel: blocks of 256 threads that must
+        fit on one multiprocessor (4: 64 registers a thread).
+    gemv_chunks_per_lane : int
+        32-value chunks of a weight row each GEMV lane walks (fewer lanes
+        per row when rows are long enough).
     """
 
     threads: int = 256
     scan_threads: int = 1024
-    gemv_warps: int = 8
+    gemv_warps: int = 4
     tile_m: int = 64
     tile_n: int = 64
     topk_warps: int = 4
     gemv_max_tokens: int = 8
     graphs: bool = True
+    gemv_min_blocks: int = 4
+    gemv_chunks_per_lane: int = 2
 
 
 #: The launch sizes every CUDA wrapper reads.

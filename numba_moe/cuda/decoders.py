@@ -1,29 +1,37 @@
 """Per-type decoders: one 32-value *chunk* of a weight row into registers.
 
-Every GEMM kernel walks a weight row in chunks of 32 values.  A decoder
-fills ``q[qo : qo + 32]`` with the chunk's small integers (as float32) and
-``ab[abo : abo + 8]`` with per-segment affine terms, so that value ``i`` of
-segment ``s`` is ``ab[abo + s] * q[qo + s * SEGLEN + i] - ab[abo + 4 + s]``.
-The kernels then compute ``sum(w * x)`` per segment as
-``a * sum(q * x) - b * sum(x)`` (the ``sum(x)`` is shared by every row).
+Every GEMM kernel walks a weight row in chunks of 32 values, split into
+``NSEG`` segments of ``SEGLEN`` consecutive columns.  Value ``i`` of segment
+``s`` is ``a_s * q_i - b_s`` with small integers ``q`` and per-segment
+affine terms ``a_s``, ``b_s`` (``ab[abo + s]``, ``ab[abo + 4 + s]``).
 
 A chunk's segments are runs of ``SEGLEN`` consecutive columns starting at
 ``seg_col(chunk, s)``; they need not be adjacent (a Q4_K chunk takes low and
 high nibbles of the same 16 bytes, which sit 32 columns apart).
 
-Every decoder takes the same arguments ``(wa, wb, wc, wd, row, chunk, nb,
-q, qo, ab, abo)``: four device arrays laid out by
-:mod:`numba_moe.cuda.weights`, the global row ``e * rows + r``, the chunk
-index in the row and ``nb``, the blocks per row.
+Per type there are three device functions:
+
+* ``fetch(wa, wb, wc, wd, row, chunk, nb) -> raw``: the loads of a chunk
+  (four device arrays laid out by :mod:`numba_moe.cuda.weights`, the global
+  row ``e * rows + r``, the chunk index in the row, ``nb`` blocks per row),
+  as a tuple of raw words;
+* ``affine(raw, chunk, ab, abo)``: the ``a_s``, ``b_s`` of every segment;
+* ``values4(raw, chunk, v, s) -> (q0, q1, q2, q3)``: the integers of
+  values ``4v .. 4v+3`` of segment ``s`` as float32 (``v``, ``s`` become
+  constants once the kernels' loops are unrolled).
+
+``unpack`` and ``decode`` (fetch + unpack) fill a whole chunk into a local
+array ``q`` for the tiled kernel; the GEMV kernel dequantizes four values at
+a time, right before it uses them, to keep few registers live.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 import gguf
-from numba import float32, int32
+from numba import float32, int32, uint32
 
-from .primitives import device_inline, load2, load4
+from .primitives import as_f32, device_inline, load2, load4
 
 __all__ = ["QInfo", "QINFO", "F32"]
 
@@ -42,7 +50,7 @@ class QInfo(NamedTuple):
         Segments per 32-value chunk and their length (``nseg * seglen == 32``).
     block_values : int
         Values per storage block (``nb = cols // block_values``).
-    decode, seg_col : CUDA device functions
+    fetch, affine, values4, unpack, decode, seg_col : CUDA device functions
         See the module docstring.
     """
 
@@ -50,15 +58,62 @@ class QInfo(NamedTuple):
     nseg: int
     seglen: int
     block_values: int
+    fetch: Callable
+    affine: Callable
+    values4: Callable
+    unpack: Callable
     decode: Callable
     seg_col: Callable
 
 
+# Small integers become float32 without the quarter-rate integer-to-float
+# unit: OR-ing ``n < 2**23`` into the mantissa of 2**23 gives the float
+# 2**23 + n exactly, and one subtraction leaves n.
+_MAGIC = uint32(0x4B000000)
+_TWO23 = float32(8388608.0)
+# Signed bytes: (b ^ 0x80) = b + 128, so subtract 2**23 + 128.
+_TWO23_128 = float32(8388736.0)
+_U4 = uint32(0xF)
+_U8 = uint32(0xFF)
+
+
+@device_inline
+def _small(n):
+    """float32 of ``n`` (uint32 < 2**23)."""
+    return as_f32(n | _MAGIC) - _TWO23
+
+
+@device_inline
+def _sbyte_f(w, shift):
+    """float32 of the signed byte of ``w`` at bit ``shift``."""
+    return as_f32((((w >> shift) & _U8) ^ uint32(0x80)) | _MAGIC) - _TWO23_128
+
+
 @device_inline
 def _sbyte(w, shift):
-    """Signed byte of the word ``w`` at bit ``shift``."""
-    b = int32((w >> shift) & 0xFF)
+    """Signed byte of the word ``w`` at bit ``shift``, as int32."""
+    b = int32((w >> shift) & _U8)
     return b - ((b & 0x80) << 1)
+
+
+@device_inline
+def _pick4(i, a, b, c, d):
+    """``(a, b, c, d)[i]`` for a run-time ``i`` (a select chain that folds
+    away once ``i`` is a constant)."""
+    if i == 0:
+        return a
+    if i == 1:
+        return b
+    if i == 2:
+        return c
+    return d
+
+
+@device_inline
+def _nib4(w, shift):
+    """The 4 nibbles of ``w`` at bits ``shift``, ``shift + 8``, ... as float32."""
+    return (_small((w >> shift) & _U4), _small((w >> (shift + uint32(8))) & _U4),
+            _small((w >> (shift + uint32(16))) & _U4), _small((w >> (shift + uint32(24))) & _U4))
 
 
 # ---------------------------------------------------------------- Q4_K / Q5_K
@@ -72,7 +127,8 @@ def _sbyte(w, shift):
 #   group j holds values 64j .. 64j+63: byte l low nibble -> 64j + l,
 #   high nibble -> 64j + 32 + l; sub-blocks 2j (low) and 2j+1 (high).
 #   Chunk c (0..7) of a block = group j = c >> 1, bytes 16h .. 16h+15
-#   (h = c & 1): segment 0 = low nibbles, segment 1 = high nibbles.
+#   (h = c & 1) = words w0..w3: segment 0 = low nibbles, segment 1 = high
+#   nibbles; values 4v..4v+3 of a segment come from word w_v.
 #
 #   6-bit scale / min of sub-block sb (ggml get_scale_min_k4), b = sb & 3:
 #     sb < 4:  sc = scales[sb] & 63           m = scales[sb+4] & 63
@@ -82,76 +138,83 @@ def _sbyte(w, shift):
 #
 # Q5_K block (176 bytes): same header; qh[32] @16 (words 4..11), qs[128] @48
 # (words 12..43).  Value bit 4 of byte l of group j: qh[l] bit 2j (low
-# nibble) or bit 2j+1 (high nibble).
+# nibble) or bit 2j+1 (high nibble); the chunk's qh bytes are words e0..e3.
 
 
 @device_inline
 def _kq_scale_min(h1, h2, h3, sb):
-    """(scale, min) 6-bit integers of sub-block ``sb`` from header words 1..3."""
-    sh = (sb & 3) * 8
+    """(scale, min) 6-bit integers (uint32) of sub-block ``sb`` from header words 1..3."""
+    sh = uint32((sb & 3) * 8)
     if sb < 4:
-        return int32((h1 >> sh) & 63), int32((h2 >> sh) & 63)
-    sc = ((h3 >> sh) & 0xF) | (((h1 >> (sh + 6)) & 3) << 4)
-    m = ((h3 >> (sh + 4)) & 0xF) | (((h2 >> (sh + 6)) & 3) << 4)
-    return int32(sc), int32(m)
+        return (h1 >> sh) & uint32(63), (h2 >> sh) & uint32(63)
+    sc = ((h3 >> sh) & _U4) | (((h1 >> (sh + uint32(6))) & uint32(3)) << uint32(4))
+    m = ((h3 >> (sh + uint32(4))) & _U4) | (((h2 >> (sh + uint32(6))) & uint32(3)) << uint32(4))
+    return sc, m
 
 
 @device_inline
-def _nibbles(q, o, w):
-    """Low nibbles of the 4 bytes of ``w`` to q[o..o+3], high to q[o+16..o+19]."""
-    for n in range(4):
-        q[o + n] = float32((w >> (8 * n)) & 0xF)
-        q[o + 16 + n] = float32((w >> (8 * n + 4)) & 0xF)
-
-
-@device_inline
-def _nibbles5(q, o, w, hw, bit):
-    """As :func:`_nibbles` with bit 4 from ``hw`` (bit ``bit`` low, ``bit+1`` high)."""
-    for n in range(4):
-        q[o + n] = float32(((w >> (8 * n)) & 0xF) | (((hw >> (8 * n + bit)) & 1) << 4))
-        q[o + 16 + n] = float32(((w >> (8 * n + 4)) & 0xF)
-                                | (((hw >> (8 * n + bit + 1)) & 1) << 4))
-
-
-@device_inline
-def _kq_affine(wa, wd, blk, words, halves, j, ab, abo):
+def _kq_affine(h1, h2, h3, d, dmin, j, ab, abo):
     """d*scale / dmin*min of sub-blocks 2j, 2j+1 into ab (Q4_K and Q5_K)."""
-    h0, h1, h2, h3 = load4(wa, blk * words)
-    d = float32(wd[blk * halves])
-    dmin = float32(wd[blk * halves + 1])
     sc0, m0 = _kq_scale_min(h1, h2, h3, 2 * j)
     sc1, m1 = _kq_scale_min(h1, h2, h3, 2 * j + 1)
-    ab[abo] = d * float32(sc0)
-    ab[abo + 1] = d * float32(sc1)
-    ab[abo + 4] = dmin * float32(m0)
-    ab[abo + 5] = dmin * float32(m1)
+    ab[abo] = d * _small(sc0)
+    ab[abo + 1] = d * _small(sc1)
+    ab[abo + 4] = dmin * _small(m0)
+    ab[abo + 5] = dmin * _small(m1)
 
 
 @device_inline
-def q4k_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
+def q4k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
-    c = chunk & 7
-    _kq_affine(wa, wd, blk, 36, 72, c >> 1, ab, abo)
-    w0, w1, w2, w3 = load4(wa, blk * 36 + 4 + 4 * c)
-    _nibbles(q, qo, w0)
-    _nibbles(q, qo + 4, w1)
-    _nibbles(q, qo + 8, w2)
-    _nibbles(q, qo + 12, w3)
+    h0, h1, h2, h3 = load4(wa, blk * 36)
+    w0, w1, w2, w3 = load4(wa, blk * 36 + 4 + 4 * (chunk & 7))
+    return (h1, h2, h3, float32(wd[blk * 72]), float32(wd[blk * 72 + 1]), w0, w1, w2, w3)
 
 
 @device_inline
-def q5k_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
+def q4k_affine(raw, chunk, ab, abo):
+    h1, h2, h3, d, dmin, w0, w1, w2, w3 = raw
+    _kq_affine(h1, h2, h3, d, dmin, (chunk & 7) >> 1, ab, abo)
+
+
+@device_inline
+def q4k_values4(raw, chunk, v, s):
+    h1, h2, h3, d, dmin, w0, w1, w2, w3 = raw
+    return _nib4(_pick4(v, w0, w1, w2, w3), uint32(4 * s))
+
+
+@device_inline
+def q5k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
     c = chunk & 7
-    j = c >> 1
-    h = c & 1
-    _kq_affine(wa, wd, blk, 44, 88, j, ab, abo)
-    e0, e1, e2, e3 = load4(wa, blk * 44 + 4 + 4 * h)
-    w0, w1, w2, w3 = load4(wa, blk * 44 + 12 + 8 * j + 4 * h)
-    _nibbles5(q, qo, w0, e0, 2 * j)
-    _nibbles5(q, qo + 4, w1, e1, 2 * j)
-    _nibbles5(q, qo + 8, w2, e2, 2 * j)
-    _nibbles5(q, qo + 12, w3, e3, 2 * j)
+    h0, h1, h2, h3 = load4(wa, blk * 44)
+    e0, e1, e2, e3 = load4(wa, blk * 44 + 4 + 4 * (c & 1))
+    w0, w1, w2, w3 = load4(wa, blk * 44 + 12 + 8 * (c >> 1) + 4 * (c & 1))
+    return (h1, h2, h3, float32(wd[blk * 88]), float32(wd[blk * 88 + 1]), w0, w1, w2, w3,
+            e0, e1, e2, e3)
+
+
+@device_inline
+def q5k_affine(raw, chunk, ab, abo):
+    h1, h2, h3, d, dmin, w0, w1, w2, w3, e0, e1, e2, e3 = raw
+    _kq_affine(h1, h2, h3, d, dmin, (chunk & 7) >> 1, ab, abo)
+
+
+@device_inline
+def q5k_values4(raw, chunk, v, s):
+    h1, h2, h3, d, dmin, w0, w1, w2, w3, e0, e1, e2, e3 = raw
+    w = _pick4(v, w0, w1, w2, w3)
+    e = _pick4(v, e0, e1, e2, e3)
+    sh = uint32(4 * s)
+    bit = uint32(2 * ((chunk & 7) >> 1) + s)
+    one = uint32(1)
+    return (_small(((w >> sh) & _U4) | (((e >> bit) & one) << uint32(4))),
+            _small(((w >> (sh + uint32(8))) & _U4)
+                   | (((e >> (bit + uint32(8))) & one) << uint32(4))),
+            _small(((w >> (sh + uint32(16))) & _U4)
+                   | (((e >> (bit + uint32(16))) & one) << uint32(4))),
+            _small(((w >> (sh + uint32(24))) & _U4)
+                   | (((e >> (bit + uint32(24))) & one) << uint32(4))))
 
 
 @device_inline
@@ -174,25 +237,13 @@ def kq_seg_col(chunk, s):
 #     128n + l + 96 : ql[64n+32+l] >> 4 | (qh >> 6 & 3) << 4        scale[8n + l/16 + 6]
 #   value = d * scale * (q - 32).
 #   Chunk c (0..7) of a block: n = c >> 2, l = 8g .. 8g+7 (g = c & 3); its four
-#   segments of 8 are the four rows of the table above.
+#   segments of 8 are the four rows of the table above.  Words: ql[64n+l]
+#   = l0, l1; ql[64n+32+l] = u0, u1; qh[32n+l] = e0, e1 (values 4v..4v+3
+#   from word v of each).
 
 
 @device_inline
-def _q6_bytes(q, o, lw, uw, hw):
-    """Four l positions (bytes of the words ``lw``, ``uw``, ``hw``) into the
-    four segments of 8 at q[o], q[o+8], q[o+16], q[o+24]."""
-    for n in range(4):
-        lb = (lw >> (8 * n)) & 0xFF
-        ub = (uw >> (8 * n)) & 0xFF
-        hb = (hw >> (8 * n)) & 0xFF
-        q[o + n] = float32((lb & 0xF) | ((hb & 3) << 4))
-        q[o + 8 + n] = float32((ub & 0xF) | (((hb >> 2) & 3) << 4))
-        q[o + 16 + n] = float32((lb >> 4) | (((hb >> 4) & 3) << 4))
-        q[o + 24 + n] = float32((ub >> 4) | (((hb >> 6) & 3) << 4))
-
-
-@device_inline
-def q6k_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
+def q6k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
     c = chunk & 7
     n = c >> 2
@@ -201,12 +252,17 @@ def q6k_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
     u0, u1 = load2(wa, blk * 32 + 16 * n + 8 + 2 * g)
     e0, e1 = load2(wb, blk * 16 + 8 * n + 2 * g)
     s0, s1 = load2(wc, blk * 4 + 2 * n)
-    d = float32(wd[blk])
-    sh = (g >> 1) * 8
+    return (l0, l1, u0, u1, e0, e1, s0, s1, float32(wd[blk]))
+
+
+@device_inline
+def q6k_affine(raw, chunk, ab, abo):
+    l0, l1, u0, u1, e0, e1, s0, s1, d = raw
+    sh = uint32(((chunk & 3) >> 1) * 8)
     a0 = d * float32(_sbyte(s0, sh))
-    a1 = d * float32(_sbyte(s0, sh + 16))
+    a1 = d * float32(_sbyte(s0, sh + uint32(16)))
     a2 = d * float32(_sbyte(s1, sh))
-    a3 = d * float32(_sbyte(s1, sh + 16))
+    a3 = d * float32(_sbyte(s1, sh + uint32(16)))
     ab[abo] = a0
     ab[abo + 1] = a1
     ab[abo + 2] = a2
@@ -215,8 +271,25 @@ def q6k_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
     ab[abo + 5] = float32(32) * a1
     ab[abo + 6] = float32(32) * a2
     ab[abo + 7] = float32(32) * a3
-    _q6_bytes(q, qo, l0, u0, e0)
-    _q6_bytes(q, qo + 4, l1, u1, e1)
+
+
+@device_inline
+def q6k_values4(raw, chunk, v, s):
+    l0, l1, u0, u1, e0, e1, s0, s1, d = raw
+    lw = l0 if v == 0 else l1
+    uw = u0 if v == 0 else u1
+    h = e0 if v == 0 else e1
+    w = lw if (s & 1) == 0 else uw
+    sh = uint32(4 * (s >> 1))
+    hs = uint32(2 * s)
+    three = uint32(3)
+    return (_small(((w >> sh) & _U4) | (((h >> hs) & three) << uint32(4))),
+            _small(((w >> (sh + uint32(8))) & _U4)
+                   | (((h >> (hs + uint32(8))) & three) << uint32(4))),
+            _small(((w >> (sh + uint32(16))) & _U4)
+                   | (((h >> (hs + uint32(16))) & three) << uint32(4))),
+            _small(((w >> (sh + uint32(24))) & _U4)
+                   | (((h >> (hs + uint32(24))) & three) << uint32(4))))
 
 
 @device_inline
@@ -228,49 +301,48 @@ def q6k_seg_col(chunk, s):
 # ---------------------------------------------------------------------- Q8_0
 #
 # Q8_0 block (34 bytes: d fp16, qs int8[32]) is stored split: wa = qs
-# (32 B / block), wd = d.  A chunk is one block; two segments of 16.
+# (32 B / block, words w0..w7), wd = d.  A chunk is one block; segment s
+# of 16 values is words 4s .. 4s+3.
 
 
 @device_inline
-def _sbytes(q, o, w):
-    for n in range(4):
-        q[o + n] = float32(_sbyte(w, 8 * n))
-
-
-@device_inline
-def q80_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
+def q80_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + chunk
     w0, w1, w2, w3 = load4(wa, blk * 8)
     w4, w5, w6, w7 = load4(wa, blk * 8 + 4)
-    d = float32(wd[blk])
+    return (w0, w1, w2, w3, w4, w5, w6, w7, float32(wd[blk]))
+
+
+@device_inline
+def q80_affine(raw, chunk, ab, abo):
+    d = raw[8]
     ab[abo] = d
     ab[abo + 1] = d
     ab[abo + 4] = float32(0)
     ab[abo + 5] = float32(0)
-    _sbytes(q, qo, w0)
-    _sbytes(q, qo + 4, w1)
-    _sbytes(q, qo + 8, w2)
-    _sbytes(q, qo + 12, w3)
-    _sbytes(q, qo + 16, w4)
-    _sbytes(q, qo + 20, w5)
-    _sbytes(q, qo + 24, w6)
-    _sbytes(q, qo + 28, w7)
+
+
+@device_inline
+def q80_values4(raw, chunk, v, s):
+    w0, w1, w2, w3, w4, w5, w6, w7, d = raw
+    w = _pick4(v, w0, w1, w2, w3) if s == 0 else _pick4(v, w4, w5, w6, w7)
+    return (_sbyte_f(w, uint32(0)), _sbyte_f(w, uint32(8)), _sbyte_f(w, uint32(16)),
+            _sbyte_f(w, uint32(24)))
 
 
 # ----------------------------------------------------------------------- F32
 #
-# Dense float32 rows (wa), for the router and for types without a decoder.
+# Dense float32 rows (wa), for the router and for types without a decoder;
+# "fetch" only computes the address, the values are loaded where used.
 
 
 @device_inline
-def f32_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
-    base = (row * nb + chunk) * 32
-    for k in range(8):
-        v0, v1, v2, v3 = load4(wa, base + 4 * k)
-        q[qo + 4 * k] = v0
-        q[qo + 4 * k + 1] = v1
-        q[qo + 4 * k + 2] = v2
-        q[qo + 4 * k + 3] = v3
+def f32_fetch(wa, wb, wc, wd, row, chunk, nb):
+    return (wa, (row * nb + chunk) * 32)
+
+
+@device_inline
+def f32_affine(raw, chunk, ab, abo):
     ab[abo] = float32(1)
     ab[abo + 1] = float32(1)
     ab[abo + 4] = float32(0)
@@ -278,15 +350,51 @@ def f32_decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
 
 
 @device_inline
+def f32_values4(raw, chunk, v, s):
+    wa, base = raw
+    return load4(wa, base + 16 * s + 4 * v)
+
+
+@device_inline
 def flat_seg_col(chunk, s):
     return chunk * 32 + s * 16
 
 
+def _unpacker(affine, values4, nseg, seglen):
+    @device_inline
+    def unpack(raw, chunk, q, qo, ab, abo):
+        affine(raw, chunk, ab, abo)
+        for s in range(nseg):
+            for v in range(seglen // 4):
+                q0, q1, q2, q3 = values4(raw, chunk, v, s)
+                o = qo + s * seglen + 4 * v
+                q[o] = q0
+                q[o + 1] = q1
+                q[o + 2] = q2
+                q[o + 3] = q3
+
+    return unpack
+
+
+def _decoder(fetch, unpack):
+    @device_inline
+    def decode(wa, wb, wc, wd, row, chunk, nb, q, qo, ab, abo):
+        unpack(fetch(wa, wb, wc, wd, row, chunk, nb), chunk, q, qo, ab, abo)
+
+    return decode
+
+
+def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col):
+    unpack = _unpacker(affine, values4, nseg, seglen)
+    return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
+                 _decoder(fetch, unpack), seg_col)
+
+
 #: Decoder table, by the type the device arrays hold.
 QINFO = {
-    Q.Q4_K: QInfo(Q.Q4_K, 2, 16, 256, q4k_decode, kq_seg_col),
-    Q.Q5_K: QInfo(Q.Q5_K, 2, 16, 256, q5k_decode, kq_seg_col),
-    Q.Q6_K: QInfo(Q.Q6_K, 4, 8, 256, q6k_decode, q6k_seg_col),
-    Q.Q8_0: QInfo(Q.Q8_0, 2, 16, 32, q80_decode, flat_seg_col),
-    F32: QInfo(F32, 2, 16, 32, f32_decode, flat_seg_col),
+    Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col),
+    Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col),
+    Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col),
+    Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col),
+    F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col),
 }

@@ -13,9 +13,11 @@ into a CUDA graph after one eager warm-up run and replayed afterwards
 (:mod:`.graph`).
 
 Kernel choice per T: when the average number of tokens per expert
-(``T * K / E``; ``T`` for the router and the shared expert) is at most
-``CUDA_LAUNCH.gemv_max_tokens``, the GEMV kernel (weights read once per 8
-tokens of an expert); otherwise the tiled kernel.
+(``T * K / E``; ``T`` for the shared expert) is at most
+``CUDA_LAUNCH.gemv_max_tokens``, the GEMV kernel (weights read once per
+:data:`~numba_moe.cuda.gemm.TOKENS_PER_PASS` tokens of an expert); otherwise
+the tiled kernel.  The router (E rows) always takes the GEMV kernel, its
+tokens split over blocks.
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ from ..routing import _check_params
 from .arrays import device_view, is_device_array
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
 from .graph import CapturedGraph
+from .gemm import TOKENS_PER_PASS
 from .matmul import launch_expert_gemm
-from .plan import DevicePlan, empty_plan, launch_plan, plan_capacity
-from .primitives import SIMULATOR
+from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_capacity
+from .primitives import SIMULATOR, next_pow2
 from .routing import MAX_TOP_K, launch_topk
 from .weights import upload_dense, upload_gate_up, upload_weights
 
@@ -204,12 +207,13 @@ class CudaMoE:
             raise MoEError("x: expected at least one token (T >= 1), got T=0")
         if not x.flags["C_CONTIGUOUS"]:
             raise MoEError("x: expected a C-contiguous array")
+        out_view = None
         if out is not None:
             if not on_device:
                 raise MoEError("out: only for a device x (a numpy x returns a new numpy array)")
-            out = device_view(out) if is_device_array(out) else None
-            if out is None or out.dtype != np.float32 or tuple(out.shape) != (n_tok, h) \
-                    or not out.flags["C_CONTIGUOUS"]:
+            out_view = device_view(out) if is_device_array(out) else None
+            if out_view is None or out_view.dtype != np.float32 \
+                    or tuple(out_view.shape) != (n_tok, h) or not out_view.flags["C_CONTIGUOUS"]:
                 raise MoEError(f"out: expected a C-contiguous float32 device array of shape "
                                f"[{n_tok}, {h}]")
         with self.lock:
@@ -224,7 +228,7 @@ class CudaMoE:
                 self.stream.synchronize()
                 return host
             if out is not None:
-                out.copy_to_device(res, stream=self.stream)
+                out_view.copy_to_device(res, stream=self.stream)
                 self.stream.synchronize()
                 return out
             self.stream.synchronize()
@@ -252,37 +256,65 @@ class CudaMoE:
         graph.replay()
 
     def _launch_all(self, n_tok: int, profiling: bool) -> None:
+        sync = self.stream.synchronize if profiling else None
+        for name, launch in self.phases(n_tok):
+            with profile.phase(name, sync):
+                launch()
+
+    def phases(self, n_tok: int):
+        """The forward of ``n_tok`` tokens as ``[(phase name, launch())]``, in
+        order; each ``launch()`` enqueues that phase's kernels on the stream
+        (the benchmark also times them one by one)."""
         b = self.buffers
         s = self.stream
         e, k = self.num_experts, self.top_k
         p = n_tok * k
         lim = CUDA_LAUNCH.gemv_max_tokens
         small = p <= lim * e
-        ident_small = n_tok <= lim
+        shared_small = n_tok <= lim
+        # one split per pass of tokens: the router's rows are few, its tokens many
+        splits = -(-n_tok // TOKENS_PER_PASS)
         m_blocks = plan_capacity(p, e, self.block_size)[1]
         m_ident = -(-n_tok // self.block_size)
-        sync = s.synchronize if profiling else None
-        with profile.phase("route", sync):
-            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits, ident_small)
+        plan_threads = min(CUDA_LAUNCH.scan_threads,
+                           max(32, next_pow2(max(e, -(-p // PAIRS_PER_THREAD)))))
+
+        def router():
+            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits, True,
+                       splits)
+
+        def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
                         b.weights, CUDA_LAUNCH.topk_warps, s)
-        with profile.phase("plan", sync):
-            launch_plan(b.ids, p, k, e, self.block_size, b.plan, CUDA_LAUNCH.scan_threads, s)
-        with profile.phase("gemm1", sync):
+
+        def plan():
+            launch_plan(b.ids, p, k, e, self.block_size, b.plan, plan_threads, s)
+
+        def gemm1():
             self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small)
-        with profile.phase("gemm2", sync):
+
+        def gemm2():
             self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small)
-        if self.shared is not None:
-            with profile.phase("shared", sync):
-                sg, su, sd = self.shared
-                self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, ident_small)
-                self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows, ident_small)
-        with profile.phase("combine", sync):
+
+        def shared():
+            sg, su, sd = self.shared
+            self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, shared_small,
+                       splits)
+            self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows,
+                       shared_small, splits)
+
+        def combine():
             launch_combine(b.rows, b.plan.pairs_by_token, b.weights, n_tok, k, self.hidden,
                            self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
                            CUDA_LAUNCH.threads, s)
 
+        out = [("router", router), ("route", topk), ("plan", plan), ("gemm1", gemm1),
+               ("gemm2", gemm2)]
+        if self.shared is not None:
+            out.append(("shared", shared))
+        return out + [("combine", combine)]
+
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
-              num_pairs: int, top_k: int, out, small: bool) -> None:
+              num_pairs: int, top_k: int, out, small: bool, splits: int = 1) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
-                           small, self.stream)
+                           small, self.stream, splits)

@@ -31,15 +31,19 @@ from numba import cuda, float32, int64
 
 from .decoders import QInfo
 from .primitives import device_inline, load4, seg_sum
+from .primitives import kernel as kernel_jit
 
-__all__ = ["TOKENS_PER_PASS", "gemv_kernel", "tiled_kernel", "MICRO"]
+__all__ = ["TOKENS_PER_PASS", "gemv_kernel", "gemv_layout", "tiled_kernel", "tiled_layout",
+           "MICRO"]
 
 #: Tokens the GEMV kernel serves per pass over an expert's weights.
-TOKENS_PER_PASS = 8
+TOKENS_PER_PASS = 4
+#: Largest GEMV block (its register budget is ``CUDA_LAUNCH.gemv_min_blocks``).
+GEMV_MAX_THREADS = 256
+# Blocks the GEMV grid aims for: two per multiprocessor of an H100.
+_TARGET_BLOCKS = 264
 #: Rows and columns of the per-thread output micro-tile of the tiled kernel.
 MICRO = 4
-# Weight rows a GEMV lane group decodes at once (gate + up, or 2 rows).
-_RW = 2
 
 _cache = {}
 # exp(80) is finite in float32; below -80, silu(g) is 0 to float32 precision
@@ -51,37 +55,41 @@ def _silu(g):
     return g / (float32(1) + math.exp(min(-g, _EXP_CLAMP)))
 
 
-def gemv_kernel(qi: QInfo, gate_up: bool, warps: int):
+def gemv_kernel(qi: QInfo, gate_up: bool):
     """The GEMV kernel for weights of type ``qi`` (compiled per argument types).
 
     Signature::
 
-        kernel[(n_expert_slots, row_blocks), 32 * warps, stream](
+        kernel[(n_expert_slots, row_blocks, token_splits), 32 * warps, stream](
             wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
             x, num_slots, active, meta, offsets, packed_token_idx, out)
 
+    Block ``(j, y, z)`` serves expert ``active[j]``, row block ``y``, and the
+    passes of :data:`TOKENS_PER_PASS` tokens numbered ``z``, ``z + splits``, ...
     ``w*`` gate (or plain) planes, ``v*`` up planes (ignored in plain mode);
     ``segw`` lanes per row (a power of two <= 32); ``x`` float32 flat
     ``[*, n_chunks * 32]``; ``active[j]`` the j-th expert with pairs and
     ``meta[0]`` their count; ``offsets`` [E+1] slot ranges (clamped to
-    ``num_slots``); ``out`` float32 flat ``[slots, rows]``.
+    ``num_slots``); ``out`` float32 flat ``[slots, rows]``; at most
+    :data:`GEMV_MAX_THREADS` threads a block.
     """
-    key = ("gemv", qi.qtype, gate_up, warps)
+    from ..config import CUDA_LAUNCH
+
+    key = ("gemv", qi.qtype, gate_up, CUDA_LAUNCH.gemv_min_blocks)
     if key not in _cache:
-        _cache[key] = _make_gemv(qi, gate_up, warps)
+        _cache[key] = _make_gemv(qi, gate_up, CUDA_LAUNCH.gemv_min_blocks)
     return _cache[key]
 
 
-def _make_gemv(qi: QInfo, gate_up: bool, warps: int):
+def _make_gemv(qi: QInfo, gate_up: bool, min_blocks: int):
     nseg, seglen = qi.nseg, qi.seglen
-    decode, seg_col = qi.decode, qi.seg_col
+    fetch, affine, values4, seg_col = qi.fetch, qi.affine, qi.values4, qi.seg_col
     tb_n = TOKENS_PER_PASS
-    rw = _RW
-    r_out = 1 if gate_up else _RW
-    n_q, n_ab, n_acc = 32 * rw, 8 * rw, rw * tb_n
+    n_acc = 2 * tb_n
+    r_out = 1 if gate_up else 2
     gate_up_mode = gate_up
 
-    @cuda.jit
+    @kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))
     def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
                x, num_slots, active, meta, offsets, packed, out):
         j = cuda.blockIdx.x
@@ -94,51 +102,56 @@ def _make_gemv(qi: QInfo, gate_up: bool, warps: int):
         lane = tid & 31
         lis = lane & (segw - 1)
         groups = 32 // segw
+        warps = cuda.blockDim.x >> 5
         r0 = ((cuda.blockIdx.y * warps + (tid >> 5)) * groups + lane // segw) * r_out
         cols = n_chunks * 32
-        erow = e * rows
-        q = cuda.local.array(n_q, float32)
-        ab = cuda.local.array(n_ab, float32)
+        # rows past the end read the last row (valid memory) and write nothing
+        row0 = e * rows + min(r0, rows - 1)
+        row1 = row0 if gate_up_mode else e * rows + min(r0 + 1, rows - 1)
+        ab = cuda.local.array(16, float32)
         acc = cuda.local.array(n_acc, float32)
-        dot = cuda.local.array(rw, float32)
-        for tok0 in range(start, end, tb_n):
+        xb = cuda.local.array(tb_n, int64)
+        zs = cuda.gridDim.z
+        for tok0 in range(start + cuda.blockIdx.z * tb_n, end, tb_n * zs):
             nt = min(tb_n, end - tok0)
-            for i in range(rw * tb_n):
-                acc[i] = float32(0)
+            for tb in range(tb_n):
+                acc[tb] = float32(0)
+                acc[tb_n + tb] = float32(0)
+                slot = min(tok0 + tb, end - 1)
+                xb[tb] = (packed[slot] if gate_up_mode else slot) * cols
             c = lis
             while c < n_chunks:
-                for rr in range(rw):
-                    r = r0 if gate_up_mode else r0 + rr
-                    if r < rows:
-                        if gate_up_mode and rr == 1:
-                            decode(va, vb, vc, vd, erow + r, c, nb, q, 32 * rr, ab, 8 * rr)
-                        else:
-                            decode(wa, wb, wc, wd, erow + r, c, nb, q, 32 * rr, ab, 8 * rr)
-                    else:
-                        for i in range(32):
-                            q[32 * rr + i] = float32(0)
-                        for i in range(8):
-                            ab[8 * rr + i] = float32(0)
-                for tb in range(tb_n):
-                    if tb < nt:
-                        slot = tok0 + tb
-                        xrow = packed[slot] if gate_up_mode else slot
-                        xbase = xrow * cols
-                        for s in range(nseg):
-                            col = xbase + seg_col(c, s)
-                            sx = float32(0)
-                            dot[0] = float32(0)
-                            dot[1] = float32(0)
-                            for v in range(seglen // 4):
-                                x0, x1, x2, x3 = load4(x, col + 4 * v)
-                                sx += (x0 + x1) + (x2 + x3)
-                                for rr in range(rw):
-                                    o = 32 * rr + s * seglen + 4 * v
-                                    dot[rr] += (q[o] * x0 + q[o + 1] * x1
-                                                + q[o + 2] * x2 + q[o + 3] * x3)
-                            for rr in range(rw):
-                                acc[rr * tb_n + tb] += (ab[8 * rr + s] * dot[rr]
-                                                        - ab[8 * rr + 4 + s] * sx)
+                raw0 = fetch(wa, wb, wc, wd, row0, c, nb)
+                if gate_up_mode:
+                    raw1 = fetch(va, vb, vc, vd, row1, c, nb)
+                else:
+                    raw1 = fetch(wa, wb, wc, wd, row1, c, nb)
+                affine(raw0, c, ab, 0)
+                affine(raw1, c, ab, 8)
+                # dequantize 4 values of each row right before their FMAs:
+                # few registers live, so many warps per multiprocessor
+                for s in range(nseg):
+                    a0 = ab[s]
+                    b0 = ab[4 + s]
+                    a1 = ab[8 + s]
+                    b1 = ab[12 + s]
+                    col = seg_col(c, s)
+                    for v in range(seglen // 4):
+                        p0, p1, p2, p3 = values4(raw0, c, v, s)
+                        g0 = a0 * p0 - b0
+                        g1 = a0 * p1 - b0
+                        g2 = a0 * p2 - b0
+                        g3 = a0 * p3 - b0
+                        p0, p1, p2, p3 = values4(raw1, c, v, s)
+                        u0 = a1 * p0 - b1
+                        u1 = a1 * p1 - b1
+                        u2 = a1 * p2 - b1
+                        u3 = a1 * p3 - b1
+                        for tb in range(tb_n):
+                            if tb < nt:
+                                x0, x1, x2, x3 = load4(x, xb[tb] + col + 4 * v)
+                                acc[tb] += g0 * x0 + g1 * x1 + g2 * x2 + g3 * x3
+                                acc[tb_n + tb] += u0 * x0 + u1 * x1 + u2 * x2 + u3 * x3
                 c += segw
             for tb in range(tb_n):
                 if tb < nt:
@@ -156,14 +169,26 @@ def _make_gemv(qi: QInfo, gate_up: bool, warps: int):
     return kernel
 
 
-def gemv_layout(rows: int, n_chunks: int, gate_up: bool, warps: int):
-    """``(segw, row_blocks)`` of the GEMV launch for weights with ``rows``
-    rows of ``n_chunks`` chunks."""
+def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_warps: int):
+    """``(segw, warps, row_blocks)`` of the GEMV launch for weights with
+    ``rows`` rows of ``n_chunks`` chunks.
+
+    ``segw`` (lanes per row) is the largest power of two <= 32 that still
+    gives every lane ``CUDA_LAUNCH.gemv_chunks_per_lane`` chunks when the
+    row has that many.  Blocks shrink from ``max_warps`` warps until the grid
+    has about two blocks per multiprocessor of an H100 (the router: one
+    expert, few rows).
+    """
+    from ..config import CUDA_LAUNCH
+
+    per_lane = CUDA_LAUNCH.gemv_chunks_per_lane
     segw = 1
-    while segw < min(n_chunks, 32):
+    while segw < 32 and 2 * segw * per_lane <= n_chunks:
         segw <<= 1
-    rows_per_block = warps * (32 // segw) * (1 if gate_up else _RW)
-    return segw, -(-rows // rows_per_block)
+    rows_per_warp = (32 // segw) * (1 if gate_up else 2)
+    warps_needed = expert_slots * -(-rows // rows_per_warp)
+    warps = max(1, min(max_warps, GEMV_MAX_THREADS // 32, warps_needed // _TARGET_BLOCKS))
+    return segw, warps, -(-rows // (rows_per_warp * warps))
 
 
 def tiled_kernel(qi: QInfo, gate_up: bool, tile_m: int, tile_n: int):

@@ -16,7 +16,7 @@ __all__ = ["launch_expert_gemm", "expert_gemm"]
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
-                       stream) -> None:
+                       stream, token_splits: int = 1) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -36,14 +36,16 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     out : device float32, flat ``[P, rows]``
     small : bool
         GEMV kernel (True) or tiled kernel (False).
+    token_splits : int
+        GEMV only: blocks sharing one expert's token list (``gridDim.z``).
     """
     gate_up = v is not None
     vplanes = v.planes if gate_up else w.planes
     if small:
-        warps = CUDA_LAUNCH.gemv_warps
-        kern = gemv_kernel(w.info, gate_up, warps)
-        segw, row_blocks = gemv_layout(w.rows, w.chunks, gate_up, warps)
-        kern[(expert_slots, row_blocks), 32 * warps, stream](
+        kern = gemv_kernel(w.info, gate_up)
+        segw, warps, row_blocks = gemv_layout(w.rows, w.chunks, gate_up, expert_slots,
+                                              CUDA_LAUNCH.gemv_warps)
+        kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, x, num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
     else:

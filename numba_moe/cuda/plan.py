@@ -27,7 +27,7 @@ import numpy as np
 from numba import cuda, int32
 
 from ..errors import MoEError
-from .primitives import block_exclusive_scan
+from .primitives import SIMULATOR, block_exclusive_scan
 
 __all__ = ["DevicePlan", "plan_capacity", "empty_plan", "empty_plan_sizes", "launch_plan",
            "plan_device", "PAIRS_PER_THREAD"]
@@ -148,6 +148,9 @@ def launch_plan(ids, num_pairs, top_k, num_experts, block_size, plan: DevicePlan
 
     ``ids`` is device int32 flat ``[num_pairs]`` with every id in range.
     """
+    if not SIMULATOR:
+        # the block scan works on whole warps
+        threads = max(32, threads // 32 * 32)
     shared = (4 * num_experts + 2 * threads) * 4
     _plan_kernel[num_experts, threads, stream, shared](
         ids, num_pairs, top_k, num_experts, block_size, plan.offsets, plan.packed_token_idx,

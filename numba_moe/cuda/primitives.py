@@ -18,8 +18,9 @@ from llvmlite import ir
 from numba import cuda, float32, float64, int32, types
 from numba.cuda.core import config as _cuda_config
 
-__all__ = ["SIMULATOR", "device_inline", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "block_exclusive_scan", "next_pow2"]
+__all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
+           "warp_argmax", "warp_sync", "load4", "load2", "as_f32", "block_exclusive_scan",
+           "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -41,6 +42,14 @@ def device_inline(fn):
     if SIMULATOR:
         return fn
     return cuda.jit(device=True, forceinline=True)(fn)
+
+
+def kernel(**options):
+    """``@cuda.jit(**options)`` on a GPU; options the simulator does not know
+    (``launch_bounds``, ``max_registers``) are dropped there."""
+    if SIMULATOR:
+        return cuda.jit
+    return cuda.jit(**options)
 
 
 if not SIMULATOR:
@@ -85,6 +94,21 @@ if not SIMULATOR:
 
     load4 = _vector_load(4)
     load2 = _vector_load(2)
+
+    @intrinsic
+    def as_f32(typingctx, u):
+        """The float32 whose bits are the low 32 bits of the integer ``u``
+        (a register move; numba widens integer arithmetic to 64 bits)."""
+        if not isinstance(u, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v = args[0]
+            if v.type.width > 32:
+                v = builder.trunc(v, ir.IntType(32))
+            return builder.bitcast(v, ir.FloatType())
+
+        return types.float32(u), codegen
 
     @device_inline
     def seg_sum(v, width):
@@ -136,6 +160,9 @@ else:
 
     def load2(arr, i):
         return arr[i], arr[i + 1]
+
+    def as_f32(u):
+        return np.uint32(u).view(np.float32)
 
     @cuda.jit(device=True)
     def seg_sum(v, width):
@@ -202,36 +229,75 @@ else:
         cuda.syncthreads()
 
 
-@cuda.jit(device=True)
-def block_exclusive_scan(buf, n, tmp):
-    """In-place exclusive prefix sum of ``buf[0:n]`` by the whole block;
-    returns the sum of the ``n`` values (in every thread).
+if not SIMULATOR:
 
-    ``tmp`` is shared scratch of ``blockDim.x`` entries (not ``buf``).  Runs
-    in chunks of the block size, Hillis-Steele within a chunk.
-    """
-    nt = cuda.blockDim.x
-    tid = cuda.threadIdx.x
-    carry = 0
-    for base in range(0, n, nt):
-        i = base + tid
-        own = buf[i] if i < n else 0
-        v = own
-        tmp[tid] = v
-        off = 1
-        while off < nt:
+    @cuda.jit(device=True)
+    def block_exclusive_scan(buf, n, tmp):
+        """In-place exclusive prefix sum of ``buf[0:n]`` by the whole block;
+        returns the sum of the ``n`` values (in every thread).
+
+        ``tmp`` is shared scratch of ``blockDim.x`` entries (not ``buf``), of
+        ``buf``'s dtype.  In chunks of the block size: shuffle scans within
+        warps, then over the warp totals (three barriers a chunk).
+        """
+        nt = cuda.blockDim.x
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        nw = nt >> 5
+        carry = 0
+        for base in range(0, n, nt):
+            i = base + tid
+            own = buf[i] if i < n else 0
+            v = own
+            for d in (1, 2, 4, 8, 16):
+                o = cuda.shfl_up_sync(_FULL, v, d)
+                if lane >= d:
+                    v += o
+            if lane == 31:
+                tmp[warp] = v
             cuda.syncthreads()
-            add = tmp[tid - off] if tid >= off else 0
+            if warp == 0:
+                t = tmp[lane] if lane < nw else 0
+                for d in (1, 2, 4, 8, 16):
+                    o = cuda.shfl_up_sync(_FULL, t, d)
+                    if lane >= d:
+                        t += o
+                if lane < nw:
+                    tmp[lane] = t
             cuda.syncthreads()
-            v += add
+            if i < n:
+                buf[i] = carry + (tmp[warp - 1] if warp > 0 else 0) + v - own
+            carry += tmp[nw - 1]
+            cuda.syncthreads()
+        return carry
+
+else:
+
+    @cuda.jit(device=True)
+    def block_exclusive_scan(buf, n, tmp):
+        nt = cuda.blockDim.x
+        tid = cuda.threadIdx.x
+        carry = 0
+        for base in range(0, n, nt):
+            i = base + tid
+            own = buf[i] if i < n else 0
+            v = own
             tmp[tid] = v
-            off <<= 1
-        cuda.syncthreads()
-        if i < n:
-            buf[i] = carry + v - own
-        carry += tmp[nt - 1]
-        cuda.syncthreads()
-    return carry
+            off = 1
+            while off < nt:
+                cuda.syncthreads()
+                add = tmp[tid - off] if tid >= off else 0
+                cuda.syncthreads()
+                v += add
+                tmp[tid] = v
+                off <<= 1
+            cuda.syncthreads()
+            if i < n:
+                buf[i] = carry + v - own
+            carry += tmp[nt - 1]
+            cuda.syncthreads()
+        return carry
 
 
 def next_pow2(n: int) -> int:
