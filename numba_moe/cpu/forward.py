@@ -72,8 +72,8 @@ def _gemm1(ws, branch, offsets, tokens, x):
     g, u = branch.gate, branch.up
     xq, xd, xmb = ws.xq
     _gate_up_kernel(branch.items1, branch.bounds1, offsets, tokens, (g.qt, u.qt), (g.q, u.q),
-                    (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x, branch.h,
-                    ws.w16, ws.dsc, ws.dmins)
+                    (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x,
+                    branch.h, ws.w16, ws.dsc, ws.dmins)
 
 
 def _act(branch, slots):
@@ -84,7 +84,7 @@ def _act(branch, slots):
 def _gemm2(ws, branch, offsets):
     d = branch.down
     hq, hd, hmb = branch.hq
-    _down_kernel(branch.items2, branch.bounds2, offsets, d.qt, d.q, d.f, d.row0, d.cols,
+    _down_kernel(branch.items2, branch.bounds2, offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols,
                  hq, hd, hmb, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins)
 
 

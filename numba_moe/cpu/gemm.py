@@ -76,9 +76,10 @@ _DECODE_WEIGHT = 2
 _FASTMATH = {"reassoc", "contract"}
 
 _NO_Q = np.zeros((0, 0, 0), dtype=np.uint8)
+_NO_Q32 = np.zeros((0, 0, 0), dtype=np.uint32)
 _NO_F = np.zeros((0, 0, 0), dtype=np.float32)
-_NO_Q.flags.writeable = False
-_NO_F.flags.writeable = False
+for _a in (_NO_Q, _NO_Q32, _NO_F):
+    _a.flags.writeable = False
 
 
 class Projection(NamedTuple):
@@ -90,6 +91,9 @@ class Projection(NamedTuple):
         Kernel type code (GGML id of a native type, or -1: dense).
     q : ndarray of uint8, shape (E, rows_total, row_bytes)
         Native blocks (read-only view), or an empty array on the dense path.
+    q32 : ndarray of uint32, shape (E, rows_total, row_bytes / 4)
+        The same bytes as words, for Q4_K / Q5_K scale unpacking (their
+        blocks are 144 / 176 bytes); an empty array for other types.
     f : ndarray of float32, shape (E, rows_total, cols)
         Dense weights (read-only view), or an empty array on the native path.
     row0 : int
@@ -101,6 +105,7 @@ class Projection(NamedTuple):
 
     qt: int
     q: np.ndarray
+    q32: np.ndarray
     f: np.ndarray
     row0: int
     rows: int
@@ -140,13 +145,15 @@ def projection(t: ExpertTensor, fused: Optional[ExpertTensor] = None, row0: int 
         data = src.data
         if data.ndim != 3 or not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
-        return Projection(_NATIVE_CODES[t.qtype], _readonly(data), _NO_F, row0, t.rows, t.cols,
+        q = _readonly(data)
+        q32 = _readonly(q.view(np.uint32)) if t.qtype in (Q.Q4_K, Q.Q5_K) else _NO_Q32
+        return Projection(_NATIVE_CODES[t.qtype], q, q32, _NO_F, row0, t.rows, t.cols,
                           t.num_experts, t.name)
     dense = src.dense()
     if not dense.flags.c_contiguous:
         dense = np.ascontiguousarray(dense)
-    return Projection(QT_DENSE, _NO_Q, _readonly(dense), row0, t.rows, t.cols, t.num_experts,
-                      t.name)
+    return Projection(QT_DENSE, _NO_Q, _NO_Q32, _readonly(dense), row0, t.rows, t.cols,
+                      t.num_experts, t.name)
 
 
 # --------------------------------------------------------------------------
@@ -154,12 +161,12 @@ def projection(t: ExpertTensor, fused: Optional[ExpertTensor] = None, row0: int 
 # --------------------------------------------------------------------------
 
 @njit(inline="always", cache=True)
-def _decode(qt, q, e, row, cols, w16, dsc, dmins):
+def _decode(qt, q, q32, e, row, cols, w16, dsc, dmins):
     """Decode row ``row`` of expert ``e`` into the thread's buffers (no-op when dense)."""
     if qt == QT_Q4_K:
-        decode_row_q4_k(q[e, row], cols // 256, w16, dsc, dmins)
+        decode_row_q4_k(q[e, row], q32[e, row], cols // 256, w16, dsc, dmins)
     elif qt == QT_Q5_K:
-        decode_row_q5_k(q[e, row], cols // 256, w16, dsc, dmins)
+        decode_row_q5_k(q[e, row], q32[e, row], cols // 256, w16, dsc, dmins)
     elif qt == QT_Q6_K:
         decode_row_q6_k(q[e, row], cols // 256, w16, dsc)
     elif qt == QT_Q8_0:
@@ -181,11 +188,11 @@ def _dot(qt, f, e, row, cols, w16, dsc, dmins, aq, ad, amb, xf):
 # --------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, fs, row0s, cols,
-                    xq, xd, xmb, xf, h, w16, dsc, dmins):
+def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s, fs, row0s,
+                    cols, xq, xd, xmb, xf, h, w16, dsc, dmins):
     """``h[p, r] = silu(gate . x[t]) * (up . x[t])`` over the scheduled items.
 
-    ``qts``, ``qs``, ``fs``, ``row0s`` are (gate, up) pairs of the
+    ``qts``, ``qs``, ``q32s``, ``fs``, ``row0s`` are (gate, up) pairs of the
     :class:`Projection` fields.  ``prange`` runs one balanced run of items
     per iteration; run ``k`` uses scratch row ``k`` of ``w16`` / ``dsc`` /
     ``dmins`` ([nbins, slots, ...]), and items own disjoint (slot range, row
@@ -201,14 +208,19 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, fs, r
             p1 = expert_offsets[e + 1]
             for r in range(items[it, 1], items[it, 2]):
                 for j in range(2):
-                    _decode(qts[j], qs[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j], dmins[k, j])
+                    _decode(qts[j], qs[j], q32s[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j],
+                            dmins[k, j])
                 for p in range(p0, p1):
                     t = token_of_slot[p]
+                    at = xq[t]
+                    adt = xd[t]
+                    amt = xmb[t]
+                    aft = xf[t]
                     g = np.float32(0.0)
                     u = np.float32(0.0)
                     for j in range(2):
                         v = _dot(qts[j], fs[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j],
-                                 dmins[k, j], xq[t], xd[t], xmb[t], xf[t])
+                                 dmins[k, j], at, adt, amt, aft)
                         if j == 0:
                             g = v
                         else:
@@ -217,7 +229,7 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, fs, r
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _down_kernel(items, bounds, expert_offsets, qt, q, f, row0, cols, hq, hd, hmb, hf, y,
+def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, hd, hmb, hf, y,
                  w16, dsc, dmins):
     """``y[p, r] = down_e[r] . h[p]`` over the scheduled items (see :func:`_gate_up_kernel`)."""
     nbins = bounds.shape[0] - 1
@@ -230,7 +242,7 @@ def _down_kernel(items, bounds, expert_offsets, qt, q, f, row0, cols, hq, hd, hm
             for rg in range(items[it, 1], r1, _GROUP_DOWN):
                 nr = min(_GROUP_DOWN, r1 - rg)
                 for i in range(nr):
-                    _decode(qt, q, e, row0 + rg + i, cols, w16[k, i], dsc[k, i], dmins[k, i])
+                    _decode(qt, q, q32, e, row0 + rg + i, cols, w16[k, i], dsc[k, i], dmins[k, i])
                 for p in range(p0, p1):
                     at = hq[p]
                     adt = hd[p]
@@ -335,8 +347,8 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
     w16, dsc, dmins = decode_buffers(nbins, g.cols)
     with parallel_launch():
         _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx, (g.qt, u.qt),
-                        (g.q, u.q), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x, out,
-                        w16, dsc, dmins)
+                        (g.q, u.q), (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols,
+                        xq, xd, xmb, x, out, w16, dsc, dmins)
     return out[:pairs]
 
 
@@ -374,8 +386,8 @@ def grouped_down(down, h, expert_offsets, out=None, num_threads=None):
     items, bounds = _schedule(expert_offsets, d.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, d.cols)
     with parallel_launch():
-        _down_kernel(items, bounds, expert_offsets, d.qt, d.q, d.f, d.row0, d.cols, hq, hd, hmb,
-                     h, out, w16, dsc, dmins)
+        _down_kernel(items, bounds, expert_offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols, hq,
+                     hd, hmb, h, out, w16, dsc, dmins)
     return out[:pairs]
 
 

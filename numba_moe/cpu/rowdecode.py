@@ -33,38 +33,49 @@ __all__ = ["decode_row_q4_k", "decode_row_q5_k", "decode_row_q6_k",
 
 
 @njit(inline="always", cache=True)
-def _k4_scales(row, o, j):
-    """6-bit scales and mins of sub-blocks ``2j`` and ``2j+1`` of the K-quant
-    block at byte ``o`` (scales at ``o+4 .. o+15``), as int16.
+def _k4_scale_words(row32, w0):
+    """The 6-bit scales and mins of a Q4_K/Q5_K block, four to a uint32.
 
-    Layout of the 12 scale bytes (a..h scales, A..H mins of sub-blocks 0..7)::
+    ``row32[w0 .. w0+2]`` are the 12 scale bytes as little-endian words
+    (a..h scales, A..H mins of sub-blocks 0..7)::
 
-        byte 0..3  EEaaaaaa FFbbbbbb GGcccccc HHdddddd
-        byte 4..7  eeAAAAAA ffBBBBBB ggCCCCCC hhDDDDDD
-        byte 8..11 eeeeEEEE ffffFFFF ggggGGGG hhhhHHHH
+        word 0: HHdddddd GGcccccc FFbbbbbb EEaaaaaa
+        word 1: hhDDDDDD ggCCCCCC ffBBBBBB eeAAAAAA
+        word 2: hhhhHHHH ggggGGGG ffffFFFF eeeeEEEE
 
-    Sub-block i < 4: scale = byte[i] & 63, min = byte[i+4] & 63; i >= 4: low
-    nibbles in byte[i+4] (scale low, min high), top two bits in bits 7..6 of
-    byte[i-4] (scale) and byte[i] (min).
+    Returns ``(scales 0-3, scales 4-7, mins 0-3, mins 4-7)``, one value per
+    byte (byte i of a word is sub-block i mod 4).  Whole-word masks and shifts
+    replace sixteen byte extractions (ggml's ``kmask`` trick).
     """
-    s = o + 4
-    i0 = 2 * j
-    i1 = 2 * j + 1
-    if j < 2:
-        s0 = np.int16(row[s + i0] & np.uint8(63))
-        s1 = np.int16(row[s + i1] & np.uint8(63))
-        m0 = np.int16(row[s + i0 + 4] & np.uint8(63))
-        m1 = np.int16(row[s + i1 + 4] & np.uint8(63))
-    else:
-        s0 = np.int16((row[s + i0 + 4] & np.uint8(15)) | ((row[s + i0 - 4] >> np.uint8(6)) << np.uint8(4)))
-        s1 = np.int16((row[s + i1 + 4] & np.uint8(15)) | ((row[s + i1 - 4] >> np.uint8(6)) << np.uint8(4)))
-        m0 = np.int16((row[s + i0 + 4] >> np.uint8(4)) | ((row[s + i0] >> np.uint8(6)) << np.uint8(4)))
-        m1 = np.int16((row[s + i1 + 4] >> np.uint8(4)) | ((row[s + i1] >> np.uint8(6)) << np.uint8(4)))
+    m6 = np.uint32(0x3F3F3F3F)
+    m4 = np.uint32(0x0F0F0F0F)
+    m2 = np.uint32(0x03030303)
+    a0 = row32[w0]
+    a1 = row32[w0 + 1]
+    a2 = row32[w0 + 2]
+    sc_lo = a0 & m6
+    mn_lo = a1 & m6
+    sc_hi = (a2 & m4) | (((a0 >> np.uint32(6)) & m2) << np.uint32(4))
+    mn_hi = ((a2 >> np.uint32(4)) & m4) | (((a1 >> np.uint32(6)) & m2) << np.uint32(4))
+    return sc_lo, sc_hi, mn_lo, mn_hi
+
+
+@njit(inline="always", cache=True)
+def _k4_pair(words, j):
+    """Scales (or mins) of sub-blocks ``2j`` and ``2j+1`` from :func:`_k4_scale_words`."""
+    sc_lo, sc_hi, mn_lo, mn_hi = words
+    sw = sc_lo if j < 2 else sc_hi
+    mw = mn_lo if j < 2 else mn_hi
+    sh = np.uint32(16 * (j % 2))
+    s0 = np.int16(np.uint8(sw >> sh))
+    s1 = np.int16(np.uint8(sw >> (sh + np.uint32(8))))
+    m0 = np.uint8(mw >> sh)
+    m1 = np.uint8(mw >> (sh + np.uint32(8)))
     return s0, s1, m0, m1
 
 
 @njit(inline="always", cache=True)
-def decode_row_q4_k(row, nb, w16, dsc, dmins):
+def decode_row_q4_k(row, row32, nb, w16, dsc, dmins):
     """Unpack ``nb`` Q4_K blocks (144 bytes each) of ``row``.
 
     Block layout: ``d`` fp16 @0, ``dmin`` fp16 @2, scales[12] @4, qs[128] @16.
@@ -76,6 +87,8 @@ def decode_row_q4_k(row, nb, w16, dsc, dmins):
     Parameters
     ----------
     row : uint8 [nb * 144]
+    row32 : uint32 [nb * 36]
+        The same bytes as little-endian words (for the scale unpacking).
     nb : int
         Blocks in the row (cols / 256).
     w16 : int16 [>= nb * 256]
@@ -89,8 +102,9 @@ def decode_row_q4_k(row, nb, w16, dsc, dmins):
         o = b * 144
         dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
         dmin = f16_bytes_to_f32(row[o + 2], row[o + 3])
+        words = _k4_scale_words(row32, 36 * b + 1)
         for j in range(4):
-            s0, s1, m0, m1 = _k4_scales(row, o, j)
+            s0, s1, m0, m1 = _k4_pair(words, j)
             dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
             dmins[b * 8 + 2 * j + 1] = dmin * np.float32(m1)
             q = o + 16 + 32 * j
@@ -102,7 +116,7 @@ def decode_row_q4_k(row, nb, w16, dsc, dmins):
 
 
 @njit(inline="always", cache=True)
-def decode_row_q5_k(row, nb, w16, dsc, dmins):
+def decode_row_q5_k(row, row32, nb, w16, dsc, dmins):
     """Unpack ``nb`` Q5_K blocks (176 bytes each) of ``row``.
 
     Block layout: ``d`` @0, ``dmin`` @2, scales[12] @4, qh[32] @16,
@@ -114,14 +128,15 @@ def decode_row_q5_k(row, nb, w16, dsc, dmins):
         y[64j + l]      = L | b(2j)   << 4
         y[64j + 32 + l] = H | b(2j+1) << 4
 
-    Outputs as :func:`decode_row_q4_k`.
+    Arguments and outputs as :func:`decode_row_q4_k` (``row32``: [nb * 44]).
     """
     for b in range(nb):
         o = b * 176
         dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
         dmin = f16_bytes_to_f32(row[o + 2], row[o + 3])
+        words = _k4_scale_words(row32, 44 * b + 1)
         for j in range(4):
-            s0, s1, m0, m1 = _k4_scales(row, o, j)
+            s0, s1, m0, m1 = _k4_pair(words, j)
             dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
             dmins[b * 8 + 2 * j + 1] = dmin * np.float32(m1)
             sh0 = np.uint8(2 * j)
