@@ -167,7 +167,7 @@ class MoELayer:
 
     # -- forward ----------------------------------------------------------
 
-    def __call__(self, x, device: str = "cpu"):
+    def __call__(self, x, device: str = "cpu", out=None):
         """Run the layer: router, top-k experts, weighted combine (+ shared expert).
 
         Parameters
@@ -178,12 +178,19 @@ class MoELayer:
             back) or any ``__cuda_array_interface__`` array (the result stays
             on the GPU).  NaN/Inf in ``x`` propagate to the affected rows.
         device : {'cpu', 'cuda'}
+        out : __cuda_array_interface__ array, optional
+            ``device='cuda'`` with a device ``x`` only: float32 [T, H] device
+            array to write the result into.  Without it the result is the
+            layer's own output buffer, overwritten by the next call.
 
         Returns
         -------
         float32 [T, H]
+            numpy for numpy ``x``; a device array for a device ``x``.
         """
         if device == "cpu":
+            if out is not None:
+                raise MoEError("out= is only supported with device='cuda'")
             x = self.check_input(x)
             if get_config().path == "reference":
                 from .reference import moe_forward_reference
@@ -195,7 +202,7 @@ class MoELayer:
         if device == "cuda":
             from .cuda.forward import moe_forward_cuda
 
-            return moe_forward_cuda(self, x)
+            return moe_forward_cuda(self, x, out)
         raise MoEError(f"device={device!r}: expected 'cpu' or 'cuda'")
 
     def to(self, device: str) -> "MoELayer":
