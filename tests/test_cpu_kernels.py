@@ -15,6 +15,7 @@ from numba_moe.errors import MoEError
 from numba_moe.experts import ExpertTensor
 
 Q = gguf.GGMLQuantizationType
+pytestmark = pytest.mark.filterwarnings("ignore:.*no native kernel")
 NATIVE_TOL = 5e-3
 DENSE_TOL = 1e-5
 
