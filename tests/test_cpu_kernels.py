@@ -223,3 +223,17 @@ def test_combine_assigns_weighted_sum(shared):
     elif shared == "gated":
         ref += ys / (1.0 + np.exp(-(x.astype(np.float64) @ gi)))[:, None]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_router_logits_match_float64_and_do_not_depend_on_the_batch():
+    from numba_moe.cpu.logits import router_logits
+
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((37, 512)).astype(np.float32)
+    w = rng.standard_normal((16, 512)).astype(np.float32)
+    lg = router_logits(x, w)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    assert rel_err(lg, ref) <= 1e-5
+    np.testing.assert_array_equal(router_logits(x[5:6].copy(), w), lg[5:6])
+    with pytest.raises(MoEError, match="columns"):
+        router_logits(x, w[:, :256].copy())

@@ -2,8 +2,8 @@
 
 :func:`moe_forward` is what ``MoELayer.__call__(x)`` runs on the CPU:
 
-1. **route**: router logits ``x @ router.T`` (BLAS) and top-k
-   (:func:`numba_moe.route_into`);
+1. **route**: router logits ``x @ router.T`` (a Numba kernel, see
+   :mod:`numba_moe.cpu.logits`) and top-k (:func:`numba_moe.route_into`);
 2. **plan**: counting sort of the pairs by expert (:class:`~numba_moe.BucketPlan`)
    and the balanced work lists of both projections;
 3. **gather**: each token row quantized once (12-bit codes per 256 values,
@@ -31,6 +31,7 @@ from ..threading_guard import parallel_launch
 from .actquant import quantize_rows_into
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, combine_into
 from .gemm import _DECODE_WEIGHT, QT_DENSE, TILE_ROWS, _down_kernel, _gate_up_kernel
+from .logits import router_logits_into
 from .schedule import schedule_items
 from .workspace import workspace_for
 
@@ -120,8 +121,7 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
         ws.ensure(T, nbins)
         routed, shared = ws.routed, ws.shared
         with phase("route"):
-            logits = ws.logits[:T]
-            np.matmul(x, layer.router.T, out=logits)
+            logits = router_logits_into(x, layer.router, ws.logits[:T])
             route_into(logits, ws.ids[:T], ws.weights[:T], ws.route_scratch, K,
                        norm_topk_prob=layer.norm_topk_prob, gating=layer.gating,
                        selection_bias=layer.selection_bias, n_group=layer.n_group,
