@@ -153,9 +153,15 @@ class MoELayer:
     # -- routing ----------------------------------------------------------
 
     def router_logits(self, x: np.ndarray) -> np.ndarray:
-        """Router logits ``x @ router.T``: float32 [T, E]."""
-        x = self.check_input(x)
-        return x @ self.router.T
+        """Router logits ``x @ router.T``: float32 [T, E].
+
+        Computed by the same Numba kernel the CPU forward uses (not numpy's
+        BLAS, whose idle spinning threads slow the expert kernels that
+        follow), so ``route(x)`` picks exactly the experts ``layer(x)`` runs.
+        """
+        from .cpu.logits import router_logits
+
+        return router_logits(self.check_input(x), self.router)
 
     def route(self, x: np.ndarray):
         """Route hidden states: RouterOutput(expert_ids int32 [T,K], expert_weights float32 [T,K])."""

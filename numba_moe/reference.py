@@ -4,7 +4,7 @@
   ``moe_forward_cpu``) in float32 numpy over ``ExpertTensor.dense()``: for
   every token, for every k, gate/up -> SiLU * up -> down -> weighted
   accumulate.  Slow and simple; it routes exactly as the fast path does
-  (:func:`numba_moe.cpu.logits.route_tokens`), so both run the same experts.
+  (``MoELayer.route``, the same router kernel), so both run the same experts.
 * :func:`moe_forward_float64`: the same math in float64 from
   ``gguf.quants.dequantize`` of the very same tensor bytes (independent of
   this package's decoders), one expert at a time.  The accuracy oracle of the
@@ -44,10 +44,8 @@ def moe_forward_reference(layer, x: np.ndarray) -> np.ndarray:
     Dequantizes every expert tensor to float32 on first use
     (``ExpertTensor.dense()`` caches it): memory ``4 * E * 3 * I * H`` bytes.
     """
-    from .cpu.logits import route_tokens
-
     x = layer.check_input(x)
-    r = route_tokens(layer, x)
+    r = layer.route(x)
     gate, up, down = layer.gate.dense(), layer.up.dense(), layer.down.dense()
     T, H = x.shape
     out = np.zeros((T, H), dtype=np.float32)
@@ -94,7 +92,7 @@ def moe_forward_float64(layer, x: np.ndarray, route=None) -> np.ndarray:
         Promoted to float64.
     route : RouterOutput, optional
         Routing to use (default: the fast path's own,
-        :func:`numba_moe.cpu.logits.route_tokens`, so both evaluate the same
+        ``layer.route(x)``, the same router kernel, so both evaluate the same
         experts).
 
     Returns
@@ -102,9 +100,7 @@ def moe_forward_float64(layer, x: np.ndarray, route=None) -> np.ndarray:
     ndarray of float64, shape (T, H)
     """
     if route is None:
-        from .cpu.logits import route_tokens
-
-        route = route_tokens(layer, np.ascontiguousarray(x, dtype=np.float32))
+        route = layer.route(np.ascontiguousarray(x, dtype=np.float32))
     ids = np.asarray(route.expert_ids)
     wts = np.asarray(route.expert_weights, dtype=np.float64)
     x64 = np.asarray(x, dtype=np.float64)

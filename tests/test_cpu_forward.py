@@ -13,7 +13,6 @@ import pytest
 import numba_moe as nm
 from numba_moe import config, profile
 from numba_moe.cpu import moe_forward, touched_expert_bytes
-from numba_moe.cpu.logits import route_tokens
 from numba_moe.cpu.workspace import workspace_for
 from numba_moe.reference import moe_forward_float64, moe_forward_reference
 
@@ -106,7 +105,7 @@ def test_routing_identical_to_reference_path(layer_of):
     x = tokens(64, layer.hidden_size, seed=6)
     moe_forward(layer, x)
     ws = workspace_for(layer)
-    r = route_tokens(layer, x)
+    r = layer.route(x)
     np.testing.assert_array_equal(ws.ids[:64], r.expert_ids)
     np.testing.assert_array_equal(ws.weights[:64], r.expert_weights)
     # Same experts as the layer's BLAS routing too (logits differ by rounding only).

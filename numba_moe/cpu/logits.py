@@ -6,17 +6,16 @@ Numba threads of the expert kernels that follow: measured here, the gate/up
 kernel at T=4 took 9-13 ms right after a BLAS router matmul instead of 5 ms.
 This kernel runs on Numba's own threads and is deterministic: each logit is
 one thread's dot product in a fixed order, whatever the batch size or the
-thread count, so every path that routes through :func:`route_tokens`
-(the fast forward and the references) picks the same experts.
+thread count, so every path that routes through it (the fast forward,
+``MoELayer.route`` and the references) picks the same experts.
 """
 import numpy as np
 from numba import njit, prange
 
 from ..errors import MoEError
-from ..routing import route
 from ..threading_guard import parallel_launch
 
-__all__ = ["router_logits", "router_logits_into", "route_tokens"]
+__all__ = ["router_logits", "router_logits_into"]
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
@@ -64,21 +63,3 @@ def router_logits(x, router):
         raise MoEError(f"x has {x.shape[1]} columns but router has {router.shape[1]}")
     return router_logits_into(x, router, np.empty((x.shape[0], router.shape[0]), np.float32))
 
-
-def route_tokens(layer, x):
-    """Route ``x`` with the layer's settings and the logits of :func:`router_logits`.
-
-    Parameters
-    ----------
-    layer : MoELayer
-    x : ndarray of float32, shape (T, H), C-contiguous
-
-    Returns
-    -------
-    RouterOutput
-        What :func:`numba_moe.cpu.forward.moe_forward` routes ``x`` to.
-    """
-    return route(router_logits(x, layer.router), layer.top_k,
-                 norm_topk_prob=layer.norm_topk_prob, gating=layer.gating,
-                 selection_bias=layer.selection_bias, n_group=layer.n_group,
-                 topk_group=layer.topk_group, scale=layer.routed_scale)
