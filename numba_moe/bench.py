@@ -200,7 +200,7 @@ def run_cli_bench(args) -> int:
             nm.write_moe_gguf(path, init="random_blocks", **QWEN3_30B_A3B)
             idx = 0
         else:
-            path, idx = default_model_path(), 0
+            path, idx = default_model_path(announce=True), 0
         layer = nm.load_moe_layer(path, idx)
         print(f"{layer}", flush=True)
         bw = stream_bandwidth() if args.device == "cpu" else cuda_copy_bandwidth()

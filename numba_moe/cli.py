@@ -85,7 +85,7 @@ def _load(args):
     import numba_moe as nm
     from .default_model import default_model_path
 
-    path = args.gguf or default_model_path()
+    path = args.gguf or default_model_path(announce=True)
     layer = args.layer if args.layer is not None else _first_moe_layer(path)
     return nm.load_moe_layer(path, layer), path
 
@@ -111,6 +111,8 @@ def _cmd_run(args) -> int:
     for e in np.argsort(-counts, kind="stable")[:min(16, layer.num_experts)]:
         if counts[e]:
             print(f"  expert {e:4d} {counts[e]:5d} {'#' * min(60, counts[e] * width)}")
+    print("first call: compiling the Numba kernels (tens of seconds, once; cached on disk "
+          "afterwards) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     y = layer(x, device=args.device)
     first = time.perf_counter() - t0

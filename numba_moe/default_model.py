@@ -9,6 +9,7 @@ milliseconds: H=768, I=256, E=16, K=4, gate/up Q4_K, down Q6_K (about 6 MB).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 from .config import get_config
@@ -24,15 +25,24 @@ DEFAULT_MODEL = dict(arch="qwen3moe", num_layers=1, hidden_size=768, expert_inte
 _FILE = "default-qwen3moe-q4km-v1.gguf"
 
 
-def default_model_path() -> str:
+def default_model_path(announce: bool = False) -> str:
     """Path of the default model file, writing it first if it is not there yet.
 
     The file is written under a temporary name and renamed into place, so
     concurrent first uses never see a half-written file.
+
+    Parameters
+    ----------
+    announce : bool
+        Say on stderr when the file is being written (it takes seconds: the
+        quantizers compile on first use).
     """
     folder = get_config().cache_dir
     path = os.path.join(folder, _FILE)
     if not os.path.isfile(path):
+        if announce:
+            print(f"writing the default model to {path} (first use) ...", file=sys.stderr,
+                  flush=True)
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".gguf.part")
         os.close(fd)
