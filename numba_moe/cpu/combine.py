@@ -104,6 +104,15 @@ def combine(y, pairs_by_token, pair_weights, top_k, out, shared=None, gate_inp=N
     ndarray
         ``out``.
     """
+    arrays = (("y", y, np.float32, 2), ("pairs_by_token", pairs_by_token, np.int32, 1),
+              ("pair_weights", pair_weights, np.float32, 1), ("out", out, np.float32, 2))
+    for name, a, dtype, ndim in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim \
+                or not a.flags.c_contiguous:
+            raise MoEError(f"{name}: expected a C-contiguous {np.dtype(dtype).name} "
+                           f"{ndim}-D numpy array")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise MoEError(f"top_k={top_k!r}: expected an integer >= 1")
     n_tok, hidden = out.shape
     pairs = n_tok * int(top_k)
     if pairs_by_token.shape != (pairs,) or pair_weights.shape != (pairs,):
