@@ -149,10 +149,20 @@ class CudaLaunch:
         (ignored under the simulator and while profiling).
     gemv_min_blocks : int
         Register budget of the GEMV kernel: blocks of 256 threads that must
-        fit on one multiprocessor (4: 64 registers a thread).
+        fit on one multiprocessor (2: 128 registers a thread; 4, 64 registers,
+        spills with several tokens a pass).
     gemv_chunks_per_lane : int
         32-value chunks of a weight row each GEMV lane walks (fewer lanes
         per row when rows are long enough).
+    gemv_shared_bytes : int
+        Shared memory a GEMV block stages activations in (longer rows are
+        staged in tiles).
+    gemv_min_warps : int
+        GEMV grids with fewer warps (few rows: the router) spread each row
+        over more lanes, up to a warp.
+    router_gemv_tokens : int
+        Largest token count whose router logits the GEMV kernel computes;
+        above it the tiled kernel does.
     """
 
     threads: int = 256
@@ -163,8 +173,11 @@ class CudaLaunch:
     topk_warps: int = 4
     gemv_max_tokens: int = 8
     graphs: bool = True
-    gemv_min_blocks: int = 4
+    gemv_min_blocks: int = 2
     gemv_chunks_per_lane: int = 2
+    gemv_shared_bytes: int = 32768
+    gemv_min_warps: int = 264
+    router_gemv_tokens: int = 64
 
 
 #: The launch sizes every CUDA wrapper reads.

@@ -181,29 +181,34 @@ def _gemm_reference(g, u, x, ids):
     return ref
 
 
-def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed):
+def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed, nt=None):
     rng = np.random.default_rng(seed)
     g = _random_tensor(qtype, e, rows, cols, rng, "gate")
     u = _random_tensor(qtype, e, rows, cols, rng, "up") if gate_up else None
     ids = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
     x = rng.standard_normal((t if gate_up else t * k, cols)).astype(np.float32)
     out = _poison((t * k, rows), np.float32)
-    got = expert_gemm(g, x, ids, up=u, kernel=kernel, out=out).copy_to_host()
+    got = expert_gemm(g, x, ids, up=u, kernel=kernel, out=out, tokens_per_pass=nt).copy_to_host()
     assert not np.isnan(got).any()
     assert _rel(got, _gemm_reference(g, u, x, ids)) < 1e-5
 
 
-SIM_GEMMS = [(Q.Q4_K, "gemv", True), (Q.Q5_K, "gemv", True),
-             (Q.Q6_K, "gemv", False), (Q.Q8_0, "gemv", True), (Q.F16, "gemv", False),
-             (Q.Q4_K, "tiled", True), (Q.Q6_K, "tiled", False)]
+# (qtype, kernel, gate_up, GEMV tokens per pass: None = the forward's pick)
+SIM_GEMMS = [(Q.Q4_K, "gemv", True, 4), (Q.Q5_K, "gemv", True, 1),
+             (Q.Q6_K, "gemv", False, None), (Q.Q8_0, "gemv", True, 2),
+             (Q.F16, "gemv", False, 1), (Q.Q4_K, "tiled", True, None),
+             (Q.Q6_K, "tiled", False, None)]
 
 
 @pytest.mark.filterwarnings("ignore:.*(no native kernel|dequantiz)")
-@pytest.mark.parametrize("qtype,kernel,gate_up", SIM_GEMMS,
+@pytest.mark.parametrize("qtype,kernel,gate_up,nt", SIM_GEMMS,
                          ids=lambda v: v.name if isinstance(v, Q) else str(v))
-def test_gemm_matches_reference(qtype, kernel, gate_up):
-    # rows 12: a partial row group; 3 tokens x 2 experts of 3
-    _check_gemm(qtype, kernel, gate_up, 3, 12, 256, 3, 2, seed=int(qtype))
+def test_gemm_matches_reference(qtype, kernel, gate_up, nt, monkeypatch):
+    # rows 12: a partial row group; 3 tokens x 2 experts of 3 (passes of nt
+    # tokens with a partial last one); 1 KiB of shared memory stages 256
+    # columns in tiles
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_shared_bytes", 1024)
+    _check_gemm(qtype, kernel, gate_up, 3, 12, 256, 3, 2, seed=int(qtype), nt=nt)
 
 
 @gpu_only
@@ -214,6 +219,15 @@ def test_gemm_matches_reference(qtype, kernel, gate_up):
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.F16])
 def test_gemm_large_matches_reference(qtype, kernel, gate_up):
     _check_gemm(qtype, kernel, gate_up, 16, 200, 1024, 40, 4, seed=int(qtype))
+
+
+@gpu_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("nt", [1, 2, 4, 8])
+@pytest.mark.parametrize("qtype,gate_up,cols", [(Q.Q4_K, True, 2048), (Q.Q6_K, False, 768)])
+def test_gemv_tokens_per_pass(qtype, gate_up, cols, nt):
+    # 37 tokens x 4 of 16 experts: about 9 a expert, several passes and tiles
+    _check_gemm(qtype, "gemv", gate_up, 16, 96, cols, 37, 4, seed=nt, nt=nt)
 
 
 def test_gemm_rejects_mismatched_x():

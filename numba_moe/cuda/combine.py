@@ -26,9 +26,10 @@ SHARED_GATED = 2
 @cuda.jit
 def _combine_kernel(rows, pairs_by_token, weights, top_k, width, shared_mode, sh_rows,
                     logits, lstride, lcol, out):
-    """Thread owns 4 consecutive columns of token ``blockIdx.y``."""
-    t = cuda.blockIdx.y
-    h = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) * 4
+    """Thread owns 4 consecutive columns of token ``blockIdx.x`` (tokens on x:
+    gridDim.y stops at 65535)."""
+    t = cuda.blockIdx.x
+    h = (cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x) * 4
     if h >= width:
         return
     a0 = float32(0)
@@ -62,7 +63,7 @@ def _combine_kernel(rows, pairs_by_token, weights, top_k, width, shared_mode, sh
 def launch_combine(rows, pairs_by_token, weights, n_tok, top_k, width, shared_mode, sh_rows,
                    logits, lstride, lcol, out, threads, stream):
     """Launch the combine kernel on flat device buffers (no checks, no allocation)."""
-    grid = (-(-width // (4 * threads)), n_tok)
+    grid = (n_tok, -(-width // (4 * threads)))
     _combine_kernel[grid, threads, stream](rows, pairs_by_token, weights, top_k, width,
                                            shared_mode, sh_rows, logits, lstride, lcol, out)
 

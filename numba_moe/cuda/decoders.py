@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 import gguf
 from numba import float32, int32, uint32
 
-from .primitives import as_f32, device_inline, load2, load4
+from .primitives import as_f32, device_inline, half2_f32, load2, load4
 
 __all__ = ["QInfo", "QINFO", "F32"]
 
@@ -52,6 +52,9 @@ class QInfo(NamedTuple):
         Values per storage block (``nb = cols // block_values``).
     fetch, affine, values4, unpack, decode, seg_col : CUDA device functions
         See the module docstring.
+    has_offset : bool
+        Whether the ``b_s`` terms can be nonzero (the GEMV kernel then also
+        sums the activations of each segment).
     """
 
     qtype: Q
@@ -64,6 +67,7 @@ class QInfo(NamedTuple):
     unpack: Callable
     decode: Callable
     seg_col: Callable
+    has_offset: bool
 
 
 # Small integers become float32 without the quarter-rate integer-to-float
@@ -142,25 +146,27 @@ def _nib4(w, shift):
 
 
 @device_inline
-def _kq_scale_min(h1, h2, h3, sb):
-    """(scale, min) 6-bit integers (uint32) of sub-block ``sb`` from header words 1..3."""
-    sh = uint32((sb & 3) * 8)
-    if sb < 4:
-        return (h1 >> sh) & uint32(63), (h2 >> sh) & uint32(63)
-    sc = ((h3 >> sh) & _U4) | (((h1 >> (sh + uint32(6))) & uint32(3)) << uint32(4))
-    m = ((h3 >> (sh + uint32(4))) & _U4) | (((h2 >> (sh + uint32(6))) & uint32(3)) << uint32(4))
-    return sc, m
+def _kq_affine(h0, h1, h2, h3, j, ab, abo):
+    """d*scale / dmin*min of sub-blocks 2j, 2j+1 into ab (Q4_K and Q5_K).
 
-
-@device_inline
-def _kq_affine(h1, h2, h3, d, dmin, j, ab, abo):
-    """d*scale / dmin*min of sub-blocks 2j, 2j+1 into ab (Q4_K and Q5_K)."""
-    sc0, m0 = _kq_scale_min(h1, h2, h3, 2 * j)
-    sc1, m1 = _kq_scale_min(h1, h2, h3, 2 * j + 1)
-    ab[abo] = d * _small(sc0)
-    ab[abo + 1] = d * _small(sc1)
-    ab[abo + 4] = dmin * _small(m0)
-    ab[abo + 5] = dmin * _small(m1)
+    All eight 6-bit scales and mins unpacked a byte per value with
+    whole-word masks (no branch on ``j``), then the two of group ``j``
+    picked by one word select and one shift.
+    """
+    d, dmin = half2_f32(h0)
+    m6 = uint32(0x3F3F3F3F)
+    m4 = uint32(0x0F0F0F0F)
+    m2 = uint32(0x03030303)
+    hi = j >= 2
+    sc = ((h3 & m4) | (((h1 >> uint32(6)) & m2) << uint32(4))) if hi else h1 & m6
+    mn = (((h3 >> uint32(4)) & m4) | (((h2 >> uint32(6)) & m2) << uint32(4))) if hi else h2 & m6
+    sh = uint32((j & 1) * 16)
+    sc >>= sh
+    mn >>= sh
+    ab[abo] = d * _small(sc & _U8)
+    ab[abo + 1] = d * _small((sc >> uint32(8)) & _U8)
+    ab[abo + 4] = dmin * _small(mn & _U8)
+    ab[abo + 5] = dmin * _small((mn >> uint32(8)) & _U8)
 
 
 @device_inline
@@ -168,18 +174,18 @@ def q4k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
     h0, h1, h2, h3 = load4(wa, blk * 36)
     w0, w1, w2, w3 = load4(wa, blk * 36 + 4 + 4 * (chunk & 7))
-    return (h1, h2, h3, float32(wd[blk * 72]), float32(wd[blk * 72 + 1]), w0, w1, w2, w3)
+    return (h0, h1, h2, h3, w0, w1, w2, w3)
 
 
 @device_inline
 def q4k_affine(raw, chunk, ab, abo):
-    h1, h2, h3, d, dmin, w0, w1, w2, w3 = raw
-    _kq_affine(h1, h2, h3, d, dmin, (chunk & 7) >> 1, ab, abo)
+    h0, h1, h2, h3, w0, w1, w2, w3 = raw
+    _kq_affine(h0, h1, h2, h3, (chunk & 7) >> 1, ab, abo)
 
 
 @device_inline
 def q4k_values4(raw, chunk, v, s):
-    h1, h2, h3, d, dmin, w0, w1, w2, w3 = raw
+    h0, h1, h2, h3, w0, w1, w2, w3 = raw
     return _nib4(_pick4(v, w0, w1, w2, w3), uint32(4 * s))
 
 
@@ -190,19 +196,18 @@ def q5k_fetch(wa, wb, wc, wd, row, chunk, nb):
     h0, h1, h2, h3 = load4(wa, blk * 44)
     e0, e1, e2, e3 = load4(wa, blk * 44 + 4 + 4 * (c & 1))
     w0, w1, w2, w3 = load4(wa, blk * 44 + 12 + 8 * (c >> 1) + 4 * (c & 1))
-    return (h1, h2, h3, float32(wd[blk * 88]), float32(wd[blk * 88 + 1]), w0, w1, w2, w3,
-            e0, e1, e2, e3)
+    return (h0, h1, h2, h3, w0, w1, w2, w3, e0, e1, e2, e3)
 
 
 @device_inline
 def q5k_affine(raw, chunk, ab, abo):
-    h1, h2, h3, d, dmin, w0, w1, w2, w3, e0, e1, e2, e3 = raw
-    _kq_affine(h1, h2, h3, d, dmin, (chunk & 7) >> 1, ab, abo)
+    h0, h1, h2, h3, w0, w1, w2, w3, e0, e1, e2, e3 = raw
+    _kq_affine(h0, h1, h2, h3, (chunk & 7) >> 1, ab, abo)
 
 
 @device_inline
 def q5k_values4(raw, chunk, v, s):
-    h1, h2, h3, d, dmin, w0, w1, w2, w3, e0, e1, e2, e3 = raw
+    h0, h1, h2, h3, w0, w1, w2, w3, e0, e1, e2, e3 = raw
     w = _pick4(v, w0, w1, w2, w3)
     e = _pick4(v, e0, e1, e2, e3)
     sh = uint32(4 * s)
@@ -384,17 +389,17 @@ def _decoder(fetch, unpack):
     return decode
 
 
-def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col):
+def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset):
     unpack = _unpacker(affine, values4, nseg, seglen)
     return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
-                 _decoder(fetch, unpack), seg_col)
+                 _decoder(fetch, unpack), seg_col, has_offset)
 
 
 #: Decoder table, by the type the device arrays hold.
 QINFO = {
-    Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col),
-    Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col),
-    Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col),
-    Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col),
-    F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col),
+    Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col, True),
+    Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True),
+    Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True),
+    Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False),
+    F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),
 }

@@ -15,9 +15,10 @@ into a CUDA graph after one eager warm-up run and replayed afterwards
 Kernel choice per T: when the average number of tokens per expert
 (``T * K / E``; ``T`` for the shared expert) is at most
 ``CUDA_LAUNCH.gemv_max_tokens``, the GEMV kernel (weights read once per
-:data:`~numba_moe.cuda.gemm.TOKENS_PER_PASS` tokens of an expert); otherwise
-the tiled kernel.  The router (E rows) always takes the GEMV kernel, its
-tokens split over blocks.
+pass of up to :data:`~numba_moe.cuda.gemm.MAX_TOKENS_PER_PASS` tokens of an
+expert); otherwise the tiled kernel.  The router (E rows) takes the GEMV
+kernel, its passes split over blocks, up to
+``CUDA_LAUNCH.router_gemv_tokens`` tokens.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from ..routing import _check_params
 from .arrays import device_view, is_device_array
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
 from .graph import CapturedGraph
-from .gemm import TOKENS_PER_PASS
+from .gemm import tokens_per_pass
 from .matmul import launch_expert_gemm
 from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_capacity
 from .primitives import SIMULATOR, next_pow2
@@ -44,6 +45,8 @@ __all__ = ["CudaMoE", "upload", "moe_forward_cuda"]
 
 # meta[1] of the identity plan: "every launched block is inside the padded run".
 _NO_LIMIT = 2**31 - 1
+# gridDim.z limit; GEMV blocks loop over the passes beyond it
+_MAX_SPLITS = 65535
 
 
 def upload(layer) -> "CudaMoE":
@@ -272,16 +275,21 @@ class CudaMoE:
         lim = CUDA_LAUNCH.gemv_max_tokens
         small = p <= lim * e
         shared_small = n_tok <= lim
+        router_small = n_tok <= CUDA_LAUNCH.router_gemv_tokens
+        nt = tokens_per_pass(p / e)
+        # two blocks share the passes of an expert when counts spread around the mean
+        routed_splits = 1 if 2 * p <= e else 2
+        nt_tok = tokens_per_pass(n_tok)
         # one split per pass of tokens: the router's rows are few, its tokens many
-        splits = -(-n_tok // TOKENS_PER_PASS)
+        splits = min(-(-n_tok // nt_tok), _MAX_SPLITS)
         m_blocks = plan_capacity(p, e, self.block_size)[1]
         m_ident = -(-n_tok // self.block_size)
         plan_threads = min(CUDA_LAUNCH.scan_threads,
                            max(32, next_pow2(max(e, -(-p // PAIRS_PER_THREAD)))))
 
         def router():
-            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits, True,
-                       splits)
+            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
+                       router_small, splits, nt_tok)
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
@@ -291,17 +299,19 @@ class CudaMoE:
             launch_plan(b.ids, p, k, e, self.block_size, b.plan, plan_threads, s)
 
         def gemm1():
-            self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small)
+            self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small,
+                       routed_splits, nt)
 
         def gemm2():
-            self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small)
+            self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small,
+                       routed_splits, nt)
 
         def shared():
             sg, su, sd = self.shared
             self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, shared_small,
-                       splits)
+                       splits, nt_tok)
             self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows,
-                       shared_small, splits)
+                       shared_small, splits, nt_tok)
 
         def combine():
             launch_combine(b.rows, b.plan.pairs_by_token, b.weights, n_tok, k, self.hidden,
@@ -315,6 +325,7 @@ class CudaMoE:
         return out + [("combine", combine)]
 
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
-              num_pairs: int, top_k: int, out, small: bool, splits: int = 1) -> None:
+              num_pairs: int, top_k: int, out, small: bool, splits: int = 1,
+              nt: int = 1) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
-                           small, self.stream, splits)
+                           small, self.stream, splits, nt)

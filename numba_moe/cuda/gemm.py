@@ -10,12 +10,14 @@ Both compute, for every active expert e and every slot s of e,
 The weights are decoded chunk by chunk in registers (:mod:`.decoders`);
 nothing is dequantized to memory.
 
-*GEMV kernel* (few tokens per expert): grid ``(expert slot, row block)``;
-a block serves one expert.  A group of ``segw`` lanes owns a weight row (two
-rows per group: gate and up, or two consecutive rows); lane ``i`` of a group
-walks chunks ``i, i + segw, ...`` and keeps the decoded chunk in registers
-while it loops over up to :data:`TOKENS_PER_PASS` tokens, so each expert's
-rows are read from memory once per pass for all its tokens.
+*GEMV kernel* (few tokens per expert): grid ``(expert slot, row block,
+token split)``; a block serves one expert.  It stages the activations of a
+pass of ``nt`` tokens (a compile-time constant, 1 to
+:data:`MAX_TOKENS_PER_PASS`) in shared memory; a group of ``segw`` lanes
+owns a weight row (two rows per group: gate and up, or two consecutive
+rows); lane ``i`` of a group walks chunks ``i, i + segw, ...`` and uses
+each decoded chunk for all ``nt`` tokens, so each expert's rows are read
+from memory once per pass.
 
 *Tiled kernel* (many tokens per expert): one block computes a
 ``tile_m x tile_n`` output tile of one expert from vLLM-style padded blocks
@@ -27,17 +29,17 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int64
+from numba import cuda, float32, int32, int64
 
 from .decoders import QInfo
-from .primitives import device_inline, load4, seg_sum
+from .primitives import device_inline, load4, seg_sum, shared_load4
 from .primitives import kernel as kernel_jit
 
-__all__ = ["TOKENS_PER_PASS", "gemv_kernel", "gemv_layout", "tiled_kernel", "tiled_layout",
-           "MICRO"]
+__all__ = ["MAX_TOKENS_PER_PASS", "tokens_per_pass", "gemv_kernel", "gemv_layout",
+           "tiled_kernel", "tiled_layout", "MICRO"]
 
-#: Tokens the GEMV kernel serves per pass over an expert's weights.
-TOKENS_PER_PASS = 4
+#: Most tokens the GEMV kernel serves per pass over an expert's weights.
+MAX_TOKENS_PER_PASS = 8
 #: Largest GEMV block (its register budget is ``CUDA_LAUNCH.gemv_min_blocks``).
 GEMV_MAX_THREADS = 256
 # Blocks the GEMV grid aims for: two per multiprocessor of an H100.
@@ -55,129 +57,179 @@ def _silu(g):
     return g / (float32(1) + math.exp(min(-g, _EXP_CLAMP)))
 
 
-def gemv_kernel(qi: QInfo, gate_up: bool):
-    """The GEMV kernel for weights of type ``qi`` (compiled per argument types).
+def tokens_per_pass(mean_tokens: float) -> int:
+    """Tokens per GEMV pass for experts holding ``mean_tokens`` tokens on
+    average: the smallest power of two >= it, at most :data:`MAX_TOKENS_PER_PASS`."""
+    nt = 1
+    while nt < MAX_TOKENS_PER_PASS and nt < mean_tokens:
+        nt <<= 1
+    return nt
+
+
+def gemv_kernel(qi: QInfo, gate_up: bool, nt: int):
+    """The GEMV kernel for weights of type ``qi`` serving ``nt`` tokens a pass.
 
     Signature::
 
-        kernel[(n_expert_slots, row_blocks, token_splits), 32 * warps, stream](
-            wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
+        kernel[(n_expert_slots, row_blocks, token_splits), 32 * warps, stream,
+               shared_bytes](
+            wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile_chunks,
             x, num_slots, active, meta, offsets, packed_token_idx, out)
 
     Block ``(j, y, z)`` serves expert ``active[j]``, row block ``y``, and the
-    passes of :data:`TOKENS_PER_PASS` tokens numbered ``z``, ``z + splits``, ...
-    ``w*`` gate (or plain) planes, ``v*`` up planes (ignored in plain mode);
-    ``segw`` lanes per row (a power of two <= 32); ``x`` float32 flat
-    ``[*, n_chunks * 32]``; ``active[j]`` the j-th expert with pairs and
-    ``meta[0]`` their count; ``offsets`` [E+1] slot ranges (clamped to
-    ``num_slots``); ``out`` float32 flat ``[slots, rows]``; at most
-    :data:`GEMV_MAX_THREADS` threads a block.
+    passes of ``nt`` slots numbered ``z``, ``z + splits``, ...  ``w*`` gate
+    (or plain) planes, ``v*`` up planes (ignored in plain mode); ``segw``
+    lanes per row (``2**lsegw`` <= 32); ``tile_chunks`` chunks of the
+    activations staged in shared memory at a time (``shared_bytes`` from
+    :func:`gemv_layout`); ``x`` float32 flat ``[*, n_chunks * 32]``;
+    ``active[j]`` the j-th expert with pairs and ``meta[0]`` their count;
+    ``offsets`` [E+1] slot ranges (clamped to ``num_slots``); ``out``
+    float32 flat ``[slots, rows]``; at most :data:`GEMV_MAX_THREADS`
+    threads a block.
     """
     from ..config import CUDA_LAUNCH
 
-    key = ("gemv", qi.qtype, gate_up, CUDA_LAUNCH.gemv_min_blocks)
+    key = ("gemv", qi.qtype, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
     if key not in _cache:
-        _cache[key] = _make_gemv(qi, gate_up, CUDA_LAUNCH.gemv_min_blocks)
+        _cache[key] = _make_gemv(qi, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
     return _cache[key]
 
 
-def _make_gemv(qi: QInfo, gate_up: bool, min_blocks: int):
-    nseg, seglen = qi.nseg, qi.seglen
-    fetch, affine, values4, seg_col = qi.fetch, qi.affine, qi.values4, qi.seg_col
-    tb_n = TOKENS_PER_PASS
-    n_acc = 2 * tb_n
-    r_out = 1 if gate_up else 2
-    gate_up_mode = gate_up
+def _gemv_source(nseg: int, seglen: int, gate_up: bool, nt: int, has_offset: bool) -> str:
+    """Python source of the GEMV kernel, its loops over segments, 4-value
+    groups and tokens written out.
 
-    @kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))
-    def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
-               x, num_slots, active, meta, offsets, packed, out):
-        j = cuda.blockIdx.x
-        if j >= meta[0]:
-            return
-        e = active[j]
-        start = offsets[e]
-        end = min(offsets[e + 1], num_slots)
-        tid = cuda.threadIdx.x
-        lane = tid & 31
-        lis = lane & (segw - 1)
-        groups = 32 // segw
-        warps = cuda.blockDim.x >> 5
-        r0 = ((cuda.blockIdx.y * warps + (tid >> 5)) * groups + lane // segw) * r_out
-        cols = n_chunks * 32
-        # rows past the end read the last row (valid memory) and write nothing
-        row0 = e * rows + min(r0, rows - 1)
-        row1 = row0 if gate_up_mode else e * rows + min(r0 + 1, rows - 1)
-        ab = cuda.local.array(16, float32)
-        acc = cuda.local.array(n_acc, float32)
-        xb = cuda.local.array(tb_n, int64)
-        zs = cuda.gridDim.z
-        for tok0 in range(start + cuda.blockIdx.z * tb_n, end, tb_n * zs):
-            nt = min(tb_n, end - tok0)
-            for tb in range(tb_n):
-                acc[tb] = float32(0)
-                acc[tb_n + tb] = float32(0)
-                slot = min(tok0 + tb, end - 1)
-                xb[tb] = (packed[slot] if gate_up_mode else slot) * cols
-            c = lis
-            while c < n_chunks:
+    Written out rather than left to LLVM's unroller, which gives up on
+    bodies this large: a rolled loop turns every word choice of the decoders
+    into a run-time select and every token into a predicate.  Lane ``lis``
+    of a row group walks chunks ``c0 + lis``, ``c0 + lis + segw``, ...; the
+    activations of a tile of chunks are staged in shared memory as
+    ``[token][iteration][vector j][lane]`` float4s, so the lanes of a group
+    read consecutive 16-byte words (no bank conflicts).  Per segment the
+    kernel sums ``q * x`` (and ``x`` when the type has offsets) and applies
+    ``a_s``, ``b_s`` once: ``sum (a q - b) x = a sum q x - b sum x``.
+    """
+    vps = seglen // 4
+    toks = range(nt)
+    lines = []
+    emit = lines.append
+    second = "va, vb, vc, vd" if gate_up else "wa, wb, wc, wd"
+    emit(f"""
+def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile_chunks,
+           x, num_slots, active, meta, offsets, packed, out):
+    j = cuda.blockIdx.x
+    if j >= meta[0]:
+        return
+    e = active[j]
+    start = offsets[e]
+    end = min(offsets[e + 1], num_slots)
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    lane = tid & 31
+    lis = lane & (segw - 1)
+    r0 = ((cuda.blockIdx.y * (nthreads >> 5) + (tid >> 5)) * (32 // segw)
+          + lane // segw) * {1 if gate_up else 2}
+    cols = n_chunks * 32
+    # rows past the end read the last row (valid memory) and write nothing
+    row0 = int64(e) * rows + min(r0, rows - 1)
+    row1 = {"row0" if gate_up else "int64(e) * rows + min(r0 + 1, rows - 1)"}
+    xs = cuda.shared.array(0, float32)
+    xrow = cuda.shared.array({nt}, int64)
+    ab = cuda.local.array(16, float32)
+    n_it_max = (tile_chunks + segw - 1) // segw
+    tstride = int32(n_it_max * 8 * segw)
+    vstride = int32(4 * segw)
+    for pa in range(start + cuda.blockIdx.z * {nt}, end, {nt} * cuda.gridDim.z):
+        cuda.syncthreads()
+        if tid < {nt}:
+            slot = min(pa + tid, end - 1)
+            xrow[tid] = int64({"packed[slot]" if gate_up else "slot"}) * cols""")
+    for t in toks:
+        emit(f"        g{t} = float32(0)\n        u{t} = float32(0)")
+    emit(f"""        for c0 in range(0, n_chunks, tile_chunks):
+            tc = min(tile_chunks, n_chunks - c0)
+            cuda.syncthreads()
+            n_slot = ((tc + segw - 1) >> lsegw) << (lsegw + 3)
+            for idx in range(tid, {nt} * n_slot, nthreads):
+                t = int32(idx) // int32(n_slot)
+                k = int32(idx) - t * int32(n_slot)
+                c = ((k >> (lsegw + 3)) << lsegw) + (k & (segw - 1))
+                if c < tc:
+                    jv = (k >> lsegw) & 7
+                    s = jv // {vps}
+                    col = seg_col(c0 + c, s) + 4 * (jv - s * {vps})
+                    x0, x1, x2, x3 = load4(x, xrow[t] + col)
+                    o = 4 * (t * tstride + k)
+                    xs[o] = x0
+                    xs[o + 1] = x1
+                    xs[o + 2] = x2
+                    xs[o + 3] = x3
+            cuda.syncthreads()
+            c = c0 + lis
+            xb = int32(4 * lis)
+            while c < c0 + tc:
                 raw0 = fetch(wa, wb, wc, wd, row0, c, nb)
-                if gate_up_mode:
-                    raw1 = fetch(va, vb, vc, vd, row1, c, nb)
-                else:
-                    raw1 = fetch(wa, wb, wc, wd, row1, c, nb)
+                raw1 = fetch({second}, row1, c, nb)
                 affine(raw0, c, ab, 0)
-                affine(raw1, c, ab, 8)
-                # dequantize 4 values of each row right before their FMAs:
-                # few registers live, so many warps per multiprocessor
-                for s in range(nseg):
-                    a0 = ab[s]
-                    b0 = ab[4 + s]
-                    a1 = ab[8 + s]
-                    b1 = ab[12 + s]
-                    col = seg_col(c, s)
-                    for v in range(seglen // 4):
-                        p0, p1, p2, p3 = values4(raw0, c, v, s)
-                        g0 = a0 * p0 - b0
-                        g1 = a0 * p1 - b0
-                        g2 = a0 * p2 - b0
-                        g3 = a0 * p3 - b0
-                        p0, p1, p2, p3 = values4(raw1, c, v, s)
-                        u0 = a1 * p0 - b1
-                        u1 = a1 * p1 - b1
-                        u2 = a1 * p2 - b1
-                        u3 = a1 * p3 - b1
-                        for tb in range(tb_n):
-                            if tb < nt:
-                                x0, x1, x2, x3 = load4(x, xb[tb] + col + 4 * v)
-                                acc[tb] += g0 * x0 + g1 * x1 + g2 * x2 + g3 * x3
-                                acc[tb_n + tb] += u0 * x0 + u1 * x1 + u2 * x2 + u3 * x3
-                c += segw
-            for tb in range(tb_n):
-                if tb < nt:
-                    g = seg_sum(acc[tb], segw)
-                    u = seg_sum(acc[tb_n + tb], segw)
-                    slot = tok0 + tb
-                    if lis == 0 and r0 < rows:
-                        if gate_up_mode:
-                            out[slot * rows + r0] = _silu(g) * u
-                        else:
-                            out[slot * rows + r0] = g
-                            if r0 + 1 < rows:
-                                out[slot * rows + r0 + 1] = u
-
-    return kernel
+                affine(raw1, c, ab, 8)""")
+    ind = " " * 16
+    for sg in range(nseg):
+        for t in toks:
+            emit(f"{ind}sg{t} = float32(0)\n{ind}su{t} = float32(0)")
+            if has_offset:
+                emit(f"{ind}sx{t} = float32(0)")
+        for v in range(vps):
+            jv = sg * vps + v
+            emit(f"{ind}q0, q1, q2, q3 = values4(raw0, c, {v}, {sg})")
+            emit(f"{ind}h0, h1, h2, h3 = values4(raw1, c, {v}, {sg})")
+            for t in toks:
+                emit(f"{ind}x0, x1, x2, x3 = shared_load4(xs, 4 * ({t} * tstride) + xb + {jv} * vstride)")
+                for i in range(4):
+                    emit(f"{ind}sg{t} += q{i} * x{i}\n{ind}su{t} += h{i} * x{i}")
+                if has_offset:
+                    emit(f"{ind}sx{t} += (x0 + x1) + (x2 + x3)")
+        for t in toks:
+            if has_offset:
+                emit(f"{ind}g{t} += ab[{sg}] * sg{t} - ab[{4 + sg}] * sx{t}")
+                emit(f"{ind}u{t} += ab[{8 + sg}] * su{t} - ab[{12 + sg}] * sx{t}")
+            else:
+                emit(f"{ind}g{t} += ab[{sg}] * sg{t}\n{ind}u{t} += ab[{8 + sg}] * su{t}")
+    emit(f"{ind}c += segw\n{ind}xb += 8 * vstride")
+    for t in toks:
+        emit(f"""        g = seg_sum(g{t}, segw)
+        u = seg_sum(u{t}, segw)
+        slot = pa + {t}
+        if slot < end and lis == 0 and r0 < rows:""")
+        if gate_up:
+            emit("            out[slot * rows + r0] = silu(g) * u")
+        else:
+            emit("""            out[slot * rows + r0] = g
+            if r0 + 1 < rows:
+                out[slot * rows + r0 + 1] = u""")
+    return "\n".join(lines) + "\n"
 
 
-def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_warps: int):
-    """``(segw, warps, row_blocks)`` of the GEMV launch for weights with
-    ``rows`` rows of ``n_chunks`` chunks.
+def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
+    src = _gemv_source(qi.nseg, qi.seglen, gate_up, nt, qi.has_offset)
+    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, fetch=qi.fetch,
+              affine=qi.affine, values4=qi.values4, seg_col=qi.seg_col, load4=load4,
+              shared_load4=shared_load4, seg_sum=seg_sum, silu=_silu)
+    exec(compile(src, f"<gemv {qi.qtype.name} gate_up={gate_up} nt={nt}>", "exec"), ns)
+    return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
+
+
+def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_warps: int,
+                nt: int, shared_budget: int):
+    """``(segw, warps, row_blocks, tile_chunks, shared_bytes)`` of the GEMV
+    launch for weights with ``rows`` rows of ``n_chunks`` chunks, ``nt``
+    tokens a pass.
 
     ``segw`` (lanes per row) is the largest power of two <= 32 that still
-    gives every lane ``CUDA_LAUNCH.gemv_chunks_per_lane`` chunks when the
+    gives every lane ``2 * CUDA_LAUNCH.gemv_chunks_per_lane`` chunks when the
     row has that many.  Blocks shrink from ``max_warps`` warps until the grid
     has about two blocks per multiprocessor of an H100 (the router: one
-    expert, few rows).
+    expert, few rows).  The staged activations (``nt`` tokens of
+    ``tile_chunks`` chunks) fit ``shared_budget`` bytes.
     """
     from ..config import CUDA_LAUNCH
 
@@ -185,10 +237,17 @@ def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_
     segw = 1
     while segw < 32 and 2 * segw * per_lane <= n_chunks:
         segw <<= 1
-    rows_per_warp = (32 // segw) * (1 if gate_up else 2)
+    rows_per_group = 1 if gate_up else 2
+    # few rows (the router): more lanes per row, for more warps in flight
+    while segw < 32 and expert_slots * -(-rows * segw // (32 * rows_per_group)) \
+            < CUDA_LAUNCH.gemv_min_warps:
+        segw <<= 1
+    rows_per_warp = (32 // segw) * rows_per_group
     warps_needed = expert_slots * -(-rows // rows_per_warp)
     warps = max(1, min(max_warps, GEMV_MAX_THREADS // 32, warps_needed // _TARGET_BLOCKS))
-    return segw, warps, -(-rows // (rows_per_warp * warps))
+    tile = max(segw, shared_budget // (nt * 128) // segw * segw)
+    tile = min(tile, -(-n_chunks // segw) * segw)
+    return segw, warps, -(-rows // (rows_per_warp * warps)), tile, nt * tile * 128
 
 
 def tiled_kernel(qi: QInfo, gate_up: bool, tile_m: int, tile_n: int):

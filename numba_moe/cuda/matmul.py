@@ -7,7 +7,8 @@ from numba import cuda
 from ..config import CUDA_LAUNCH
 from ..errors import MoEError
 from ..experts import ExpertTensor
-from .gemm import gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
+from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
+from .gemm import tokens_per_pass as tokens_per_pass_for
 from .plan import DevicePlan, plan_capacity, plan_device
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
@@ -16,7 +17,7 @@ __all__ = ["launch_expert_gemm", "expert_gemm"]
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
-                       stream, token_splits: int = 1) -> None:
+                       stream, token_splits: int = 1, nt: int = 1) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -38,15 +39,19 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         GEMV kernel (True) or tiled kernel (False).
     token_splits : int
         GEMV only: blocks sharing one expert's token list (``gridDim.z``).
+    nt : int
+        GEMV only: tokens per pass (1 to ``MAX_TOKENS_PER_PASS``).
     """
     gate_up = v is not None
     vplanes = v.planes if gate_up else w.planes
     if small:
-        kern = gemv_kernel(w.info, gate_up)
-        segw, warps, row_blocks = gemv_layout(w.rows, w.chunks, gate_up, expert_slots,
-                                              CUDA_LAUNCH.gemv_warps)
-        kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
-            *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, x, num_pairs,
+        kern = gemv_kernel(w.info, gate_up, nt)
+        segw, warps, row_blocks, tile, shared = gemv_layout(
+            w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
+            CUDA_LAUNCH.gemv_shared_bytes)
+        kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream, shared](
+            *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, segw.bit_length() - 1, tile, x,
+            num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
     else:
         bm, bn = CUDA_LAUNCH.tile_m, CUDA_LAUNCH.tile_n
@@ -57,7 +62,8 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
 
 
-def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0, out=None):
+def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0, out=None,
+                tokens_per_pass: int = None):
     """Grouped expert GEMM on the GPU, by slot of the routing's plan.
 
     Parameters
@@ -74,6 +80,9 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
     stream : numba stream, optional
     out : device float32 (T*K, R), optional
         Destination (else allocated).
+    tokens_per_pass : int, optional
+        GEMV tokens per pass, 1 to ``MAX_TOKENS_PER_PASS`` (else picked from
+        the mean tokens per expert, as the forward does).
 
     Returns
     -------
@@ -89,6 +98,9 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
 
     if kernel not in ("gemv", "tiled"):
         raise MoEError(f"kernel must be 'gemv' or 'tiled', got {kernel!r}")
+    if tokens_per_pass is not None and tokens_per_pass not in range(1, MAX_TOKENS_PER_PASS + 1):
+        raise MoEError(f"tokens_per_pass must be in [1, {MAX_TOKENS_PER_PASS}], "
+                       f"got {tokens_per_pass!r}")
     if isinstance(weights, ExpertTensor) and isinstance(up, ExpertTensor):
         w, v = upload_gate_up(weights, up, stream)
     else:
@@ -114,6 +126,7 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
         out = check_out("out", out, np.float32, (p, w.rows))
     if p:
         m_blocks = plan_capacity(p, w.num_experts, CUDA_LAUNCH.tile_m)[1]
+        nt = tokens_per_pass or tokens_per_pass_for(p / min(w.num_experts, p))
         launch_expert_gemm(w, v, d_x.reshape(d_x.size), plan, min(w.num_experts, p), m_blocks,
-                           p, top_k, out.reshape(out.size), kernel == "gemv", stream)
+                           p, top_k, out.reshape(out.size), kernel == "gemv", stream, 2, nt)
     return out

@@ -19,7 +19,7 @@ from numba import cuda, float32, float64, int32, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "as_f32", "block_exclusive_scan",
+           "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32", "block_exclusive_scan",
            "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
@@ -96,6 +96,35 @@ if not SIMULATOR:
     load2 = _vector_load(2)
 
     @intrinsic
+    def shared_load4(typingctx, arr, idx):
+        """``(arr[i], arr[i+1], arr[i+2], arr[i+3])`` of a float32 shared array
+        in one ``ld.shared.v4.f32`` (``&arr[i]`` 16-byte aligned).
+
+        Marked as having side effects so that LLVM never moves it across a
+        ``syncthreads`` (the staged values change between barriers).
+        """
+        if not isinstance(arr, types.Array) or arr.dtype != types.float32:
+            return None
+        sig = types.UniTuple(types.float32, 4)(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aryty = sig.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            index = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
+                                           wraparound=False)
+            f32 = ir.FloatType()
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [ptr.type])
+            asm = ir.InlineAsm(fnty, "{ .reg .u64 %sa; cvta.to.shared.u64 %sa, $4; "
+                               "ld.shared.v4.f32 {$0, $1, $2, $3}, [%sa]; }",
+                               "=f,=f,=f,=f,l", side_effect=True)
+            res = builder.call(asm, [ptr])
+            vals = [builder.extract_value(res, k) for k in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
     def as_f32(typingctx, u):
         """The float32 whose bits are the low 32 bits of the integer ``u``
         (a register move; numba widens integer arithmetic to 64 bits)."""
@@ -109,6 +138,29 @@ if not SIMULATOR:
             return builder.bitcast(v, ir.FloatType())
 
         return types.float32(u), codegen
+
+    @intrinsic
+    def half2_f32(typingctx, u):
+        """``(lo, hi)``: the two fp16 halves of the 32-bit word ``u`` as float32."""
+        if not isinstance(u, types.Integer):
+            return None
+        sig = types.UniTuple(types.float32, 2)(u)
+
+        def codegen(context, builder, sig, args):
+            v = args[0]
+            if v.type.width > 32:
+                v = builder.trunc(v, ir.IntType(32))
+            elif v.type.width < 32:
+                v = builder.zext(v, ir.IntType(32))
+            f32 = ir.FloatType()
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 2), [ir.IntType(32)])
+            asm = ir.InlineAsm(fnty, "{ .reg .b16 %hl, %hh; mov.b32 {%hl, %hh}, $2; "
+                               "cvt.f32.f16 $0, %hl; cvt.f32.f16 $1, %hh; }", "=f,=f,r")
+            res = builder.call(asm, [v])
+            vals = [builder.extract_value(res, k) for k in range(2)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
 
     @device_inline
     def seg_sum(v, width):
@@ -161,8 +213,14 @@ else:
     def load2(arr, i):
         return arr[i], arr[i + 1]
 
+    shared_load4 = load4
+
     def as_f32(u):
         return np.uint32(u).view(np.float32)
+
+    def half2_f32(u):
+        lo, hi = np.array([u], np.uint32).view(np.float16)
+        return np.float32(lo), np.float32(hi)
 
     @cuda.jit(device=True)
     def seg_sum(v, width):
