@@ -157,12 +157,13 @@ class CudaLaunch:
     gemv_shared_bytes : int
         Shared memory a GEMV block stages activations in (longer rows are
         staged in tiles).
+    gemv_single_warps : int
+        Warps per GEMV block when one expert (the router, a shared expert)
+        is served: every block stages the same activations, so fewer,
+        larger blocks.
     gemv_min_warps : int
         GEMV grids with fewer warps (few rows: the router) spread each row
         over more lanes, up to a warp.
-    router_gemv_tokens : int
-        Largest token count whose router logits the GEMV kernel computes;
-        above it the tiled kernel does.
     """
 
     threads: int = 256
@@ -174,10 +175,10 @@ class CudaLaunch:
     gemv_max_tokens: int = 8
     graphs: bool = True
     gemv_min_blocks: int = 2
-    gemv_chunks_per_lane: int = 2
+    gemv_chunks_per_lane: int = 4
     gemv_shared_bytes: int = 32768
+    gemv_single_warps: int = 8
     gemv_min_warps: int = 264
-    router_gemv_tokens: int = 64
 
 
 #: The launch sizes every CUDA wrapper reads.

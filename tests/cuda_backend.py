@@ -62,6 +62,7 @@ if SIMULATOR:
     CUDA_LAUNCH.tile_m = 8
     CUDA_LAUNCH.tile_n = 8
     CUDA_LAUNCH.gemv_min_warps = 1
+    CUDA_LAUNCH.gemv_single_warps = 1
     # a simulated barrier waits for every Python thread of the block to get
     # the GIL; a shorter switch interval roughly halves the simulated time
     sys.setswitchinterval(1e-3)

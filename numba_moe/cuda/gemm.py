@@ -219,7 +219,7 @@ def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
 
 
 def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_warps: int,
-                nt: int, shared_budget: int):
+                nt: int, shared_budget: int, token_splits: int = 1):
     """``(segw, warps, row_blocks, tile_chunks, shared_bytes)`` of the GEMV
     launch for weights with ``rows`` rows of ``n_chunks`` chunks, ``nt``
     tokens a pass.
@@ -227,8 +227,9 @@ def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_
     ``segw`` (lanes per row) is the largest power of two <= 32 that still
     gives every lane ``2 * CUDA_LAUNCH.gemv_chunks_per_lane`` chunks when the
     row has that many.  Blocks shrink from ``max_warps`` warps until the grid
-    has about two blocks per multiprocessor of an H100 (the router: one
-    expert, few rows).  The staged activations (``nt`` tokens of
+    has about two blocks per multiprocessor of an H100; a single expert (the
+    router, a shared expert) gets the largest blocks, as each block stages
+    the same activations.  The staged activations (``nt`` tokens of
     ``tile_chunks`` chunks) fit ``shared_budget`` bytes.
     """
     from ..config import CUDA_LAUNCH
@@ -244,7 +245,10 @@ def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_
         segw <<= 1
     rows_per_warp = (32 // segw) * rows_per_group
     warps_needed = expert_slots * -(-rows // rows_per_warp)
-    warps = max(1, min(max_warps, GEMV_MAX_THREADS // 32, warps_needed // _TARGET_BLOCKS))
+    warps = max(1, min(max_warps, GEMV_MAX_THREADS // 32,
+                       warps_needed * token_splits // _TARGET_BLOCKS))
+    if expert_slots == 1:
+        warps = max(1, min(CUDA_LAUNCH.gemv_single_warps, GEMV_MAX_THREADS // 32, warps_needed))
     tile = max(segw, shared_budget // (nt * 128) // segw * segw)
     tile = min(tile, -(-n_chunks // segw) * segw)
     return segw, warps, -(-rows // (rows_per_warp * warps)), tile, nt * tile * 128

@@ -48,7 +48,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         kern = gemv_kernel(w.info, gate_up, nt)
         segw, warps, row_blocks, tile, shared = gemv_layout(
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
-            CUDA_LAUNCH.gemv_shared_bytes)
+            CUDA_LAUNCH.gemv_shared_bytes, token_splits)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream, shared](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, segw.bit_length() - 1, tile, x,
             num_pairs,
