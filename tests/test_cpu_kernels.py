@@ -142,6 +142,29 @@ def test_grouped_down_matches_float64(qtype):
     assert rel_err(y, ref) <= tol
 
 
+def test_one_token_q4_k_from_blocks_matches_batched_path():
+    """One token: Q4_K rows are dotted straight from the blocks; same products as decode + dot."""
+    E, I, H, K = 4, 256, 512, 2
+    gate = make_tensor(Q.Q4_K, E, I, H, 13)
+    up = make_tensor(Q.Q4_K, E, I, H, 14)
+    down = make_tensor(Q.Q4_K, E, H, I, 15)
+    x = np.random.default_rng(16).standard_normal((2, H)).astype(np.float32)
+    x[1] = x[0]
+    one = make_plan(1, E, K, 17)
+    two_off = np.asarray(one.expert_offsets) * 2
+    two_tok = np.repeat(np.asarray(one.packed_token_idx[:K]), 2) + np.tile([0, 1], K).astype(np.int32)
+    h1 = grouped_gate_up(gate, up, x[:1], one.expert_offsets, one.packed_token_idx)
+    h2 = grouped_gate_up(gate, up, x, two_off, two_tok.astype(np.int32))
+    assert rel_err(h1, h2[::2]) <= 1e-5
+    e = int(np.flatnonzero(np.diff(one.expert_offsets))[0])
+    off1 = np.zeros(E + 1, np.int64)
+    off1[e + 1:] = 1
+    y1 = grouped_down(down, h1[:1], off1)
+    y2 = grouped_down(down, np.repeat(h1[:1], 2, axis=0), off1 * 2)
+    assert rel_err(y1, y2[:1]) <= 1e-5
+    assert rel_err(y1, h1[:1].astype(np.float64) @ dense64(down)[e].T) <= NATIVE_TOL
+
+
 def test_mixed_types_and_q8_0_partial_activation_block():
     """Gate Q8_0 / up F32 (each takes its own path); H = 288 leaves a 32-value tail block."""
     E, I, H = 3, 24, 288

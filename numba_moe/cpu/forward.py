@@ -74,7 +74,7 @@ def _gemm1(ws, branch, offsets, tokens, x):
     xq, xd, xmb = ws.xq
     _gate_up_kernel(branch.items1, branch.bounds1, offsets, tokens, (g.qt, u.qt), (g.q, u.q),
                     (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x,
-                    branch.h, ws.w16, ws.dsc, ws.dmins)
+                    branch.h, ws.w16, ws.dsc, ws.dmins, x.shape[0] == 1)
 
 
 def _act(branch, slots):
@@ -82,11 +82,11 @@ def _act(branch, slots):
         quantize_rows_into(branch.h, slots, *branch.hq)
 
 
-def _gemm2(ws, branch, offsets):
+def _gemm2(ws, branch, offsets, single_token):
     d = branch.down
     hq, hd, hmb = branch.hq
     _down_kernel(branch.items2, branch.bounds2, offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols,
-                 hq, hd, hmb, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins)
+                 hq, hd, hmb, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins, single_token)
 
 
 def moe_forward(layer, x: np.ndarray) -> np.ndarray:
@@ -144,9 +144,9 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
             if shared is not None:
                 _act(shared, T)
         with phase("gemm2"):
-            _gemm2(ws, routed, plan.expert_offsets)
+            _gemm2(ws, routed, plan.expert_offsets, T == 1)
             if shared is not None:
-                _gemm2(ws, shared, ws.shared_offsets)
+                _gemm2(ws, shared, ws.shared_offsets, T == 1)
         with phase("combine"):
             if shared is None:
                 mode, ys, gate_inp = SHARED_NONE, routed.y[:0], x[0, :0]

@@ -42,6 +42,7 @@ from ..errors import MoEError
 from ..experts import ExpertTensor
 from ..threading_guard import parallel_launch
 from .actquant import quantize_rows
+from .blockdot import dot_row_q4_k
 from .rowdecode import decode_row_q4_k, decode_row_q5_k, decode_row_q6_k, decode_row_q8_0
 from .rowdot import dot_dense, dot_kquant, dot_q8_0
 from .schedule import max_items, schedule_items
@@ -161,26 +162,44 @@ def projection(t: ExpertTensor, fused: Optional[ExpertTensor] = None, row0: int 
 # --------------------------------------------------------------------------
 
 @njit(inline="always", cache=True)
-def _decode(qt, q, q32, e, row, cols, w16, dsc, dmins):
-    """Decode row ``row`` of expert ``e`` into the thread's buffers (no-op when dense)."""
-    if qt == QT_Q4_K:
-        decode_row_q4_k(q[e, row], q32[e, row], cols // 256, w16, dsc, dmins)
-    elif qt == QT_Q5_K:
-        decode_row_q5_k(q[e, row], q32[e, row], cols // 256, w16, dsc, dmins)
-    elif qt == QT_Q6_K:
-        decode_row_q6_k(q[e, row], cols // 256, w16, dsc)
-    elif qt == QT_Q8_0:
-        decode_row_q8_0(q[e, row], cols // 32, w16, dsc)
+def _direct(qt, single_token):
+    """Whether rows are dotted straight from the blocks (no decode buffer).
+
+    Only pays when each decoded row is used once (see
+    :mod:`numba_moe.cpu.blockdot`).  Chosen per call (one-token forward), not
+    per expert: the two paths round differently, and a token's output must
+    not depend on which other tokens share the batch.
+    """
+    return qt == QT_Q4_K and single_token
 
 
 @njit(inline="always", cache=True)
-def _dot(qt, f, e, row, cols, w16, dsc, dmins, aq, ad, amb, xf):
-    """Decoded row (or dense row) times one activation row."""
+def _decode(qt, direct, q, q32, e, row, cols, w16, dsc, dmins, s):
+    """Decode row ``row`` of expert ``e`` into buffer row ``s`` (no-op when
+    dense or ``direct``)."""
+    if direct:
+        return
+    if qt == QT_Q4_K:
+        decode_row_q4_k(q, q32, e, row, cols // 256, w16, dsc, dmins, s)
+    elif qt == QT_Q5_K:
+        decode_row_q5_k(q, q32, e, row, cols // 256, w16, dsc, dmins, s)
+    elif qt == QT_Q6_K:
+        decode_row_q6_k(q, e, row, cols // 256, w16, dsc, s)
+    elif qt == QT_Q8_0:
+        decode_row_q8_0(q, e, row, cols // 32, w16, dsc, s)
+
+
+@njit(inline="always", cache=True)
+def _dot(qt, direct, q, q32, f, e, row, cols, w16, dsc, dmins, s, aq, ad, amb, xf, t):
+    """Row ``row`` of expert ``e`` (decoded in buffer row ``s``; the blocks
+    when ``direct``; dense) times activation row ``t``."""
+    if direct:
+        return dot_row_q4_k(q, q32, e, row, cols // 256, aq, ad, amb, t)
     if qt == QT_DENSE:
-        return dot_dense(f[e, row], xf)
+        return dot_dense(f, e, row, xf, t)
     if qt == QT_Q8_0:
-        return dot_q8_0(w16, dsc, aq, ad, cols // 32)
-    return dot_kquant(w16, dsc, dmins, qt != QT_Q6_K, aq, ad, amb, cols // 256)
+        return dot_q8_0(w16, dsc, s, aq, ad, t, cols // 32)
+    return dot_kquant(w16, dsc, dmins, s, qt != QT_Q6_K, aq, ad, amb, t, cols // 256)
 
 
 # --------------------------------------------------------------------------
@@ -189,7 +208,7 @@ def _dot(qt, f, e, row, cols, w16, dsc, dmins, aq, ad, amb, xf):
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s, fs, row0s,
-                    cols, xq, xd, xmb, xf, h, w16, dsc, dmins):
+                    cols, xq, xd, xmb, xf, h, w16, dsc, dmins, single_token):
     """``h[p, r] = silu(gate . x[t]) * (up . x[t])`` over the scheduled items.
 
     ``qts``, ``qs``, ``q32s``, ``fs``, ``row0s`` are (gate, up) pairs of the
@@ -198,29 +217,31 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
     ``dmins`` ([nbins, slots, ...]), and items own disjoint (slot range, row
     range) blocks of ``h``.  Gate and up go through one call site of each
     helper (a loop over the pair), which halves the inlined code and the
-    compile time.
+    compile time.  ``single_token``: a one-token forward, whose Q4_K rows are
+    dotted straight from the blocks (:func:`_direct`).
     """
     nbins = bounds.shape[0] - 1
     for k in prange(nbins):
+        # The thread's decode buffers ([slots, ...] views made once here:
+        # inside the loops, every view is an atomic reference-count update).
+        wk = w16[k]
+        dk = dsc[k]
+        mk = dmins[k]
         for it in range(bounds[k], bounds[k + 1]):
             e = items[it, 0]
             p0 = expert_offsets[e]
             p1 = expert_offsets[e + 1]
+            direct = (_direct(qts[0], single_token), _direct(qts[1], single_token))
             for r in range(items[it, 1], items[it, 2]):
                 for j in range(2):
-                    _decode(qts[j], qs[j], q32s[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j],
-                            dmins[k, j])
+                    _decode(qts[j], direct[j], qs[j], q32s[j], e, row0s[j] + r, cols, wk, dk, mk, j)
                 for p in range(p0, p1):
                     t = token_of_slot[p]
-                    at = xq[t]
-                    adt = xd[t]
-                    amt = xmb[t]
-                    aft = xf[t]
                     g = np.float32(0.0)
                     u = np.float32(0.0)
                     for j in range(2):
-                        v = _dot(qts[j], fs[j], e, row0s[j] + r, cols, w16[k, j], dsc[k, j],
-                                 dmins[k, j], at, adt, amt, aft)
+                        v = _dot(qts[j], direct[j], qs[j], q32s[j], fs[j], e, row0s[j] + r, cols,
+                                 wk, dk, mk, j, xq, xd, xmb, xf, t)
                         if j == 0:
                             g = v
                         else:
@@ -230,27 +251,27 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, hd, hmb, hf, y,
-                 w16, dsc, dmins):
+                 w16, dsc, dmins, single_token):
     """``y[p, r] = down_e[r] . h[p]`` over the scheduled items (see :func:`_gate_up_kernel`)."""
     nbins = bounds.shape[0] - 1
     for k in prange(nbins):
+        wk = w16[k]
+        dk = dsc[k]
+        mk = dmins[k]
         for it in range(bounds[k], bounds[k + 1]):
             e = items[it, 0]
             p0 = expert_offsets[e]
             p1 = expert_offsets[e + 1]
+            direct = _direct(qt, single_token)
             r1 = items[it, 2]
             for rg in range(items[it, 1], r1, _GROUP_DOWN):
                 nr = min(_GROUP_DOWN, r1 - rg)
                 for i in range(nr):
-                    _decode(qt, q, q32, e, row0 + rg + i, cols, w16[k, i], dsc[k, i], dmins[k, i])
+                    _decode(qt, direct, q, q32, e, row0 + rg + i, cols, wk, dk, mk, i)
                 for p in range(p0, p1):
-                    at = hq[p]
-                    adt = hd[p]
-                    amt = hmb[p]
-                    aft = hf[p]
                     for i in range(nr):
-                        y[p, rg + i] = _dot(qt, f, e, row0 + rg + i, cols, w16[k, i], dsc[k, i],
-                                            dmins[k, i], at, adt, amt, aft)
+                        y[p, rg + i] = _dot(qt, direct, q, q32, f, e, row0 + rg + i, cols, wk, dk,
+                                            mk, i, hq, hd, hmb, hf, p)
 
 
 # --------------------------------------------------------------------------
@@ -324,6 +345,12 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
     -------
     ndarray of float32, shape (P, I)
         ``out[:P]`` (a view when ``out`` is given).
+
+    Notes
+    -----
+    With one token row, Q4_K rows are dotted straight from their blocks
+    (:mod:`numba_moe.cpu.blockdot`); the result differs from the batched
+    path by float rounding only.
     """
     import numba
 
@@ -348,7 +375,7 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
     with parallel_launch():
         _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx, (g.qt, u.qt),
                         (g.q, u.q), (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols,
-                        xq, xd, xmb, x, out, w16, dsc, dmins)
+                        xq, xd, xmb, x, out, w16, dsc, dmins, x.shape[0] == 1)
     return out[:pairs]
 
 
@@ -387,7 +414,7 @@ def grouped_down(down, h, expert_offsets, out=None, num_threads=None):
     w16, dsc, dmins = decode_buffers(nbins, d.cols)
     with parallel_launch():
         _down_kernel(items, bounds, expert_offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols, hq,
-                     hd, hmb, h, out, w16, dsc, dmins)
+                     hd, hmb, h, out, w16, dsc, dmins, pairs == 1)
     return out[:pairs]
 
 

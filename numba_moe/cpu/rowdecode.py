@@ -33,10 +33,10 @@ __all__ = ["decode_row_q4_k", "decode_row_q5_k", "decode_row_q6_k",
 
 
 @njit(inline="always", cache=True)
-def _k4_scale_words(row32, w0):
+def _k4_scale_words(q32, e, r, w0):
     """The 6-bit scales and mins of a Q4_K/Q5_K block, four to a uint32.
 
-    ``row32[w0 .. w0+2]`` are the 12 scale bytes as little-endian words
+    ``q32[e, r, w0 .. w0+2]`` are the 12 scale bytes as little-endian words
     (a..h scales, A..H mins of sub-blocks 0..7)::
 
         word 0: HHdddddd GGcccccc FFbbbbbb EEaaaaaa
@@ -50,9 +50,9 @@ def _k4_scale_words(row32, w0):
     m6 = np.uint32(0x3F3F3F3F)
     m4 = np.uint32(0x0F0F0F0F)
     m2 = np.uint32(0x03030303)
-    a0 = row32[w0]
-    a1 = row32[w0 + 1]
-    a2 = row32[w0 + 2]
+    a0 = q32[e, r, w0]
+    a1 = q32[e, r, w0 + 1]
+    a2 = q32[e, r, w0 + 2]
     sc_lo = a0 & m6
     mn_lo = a1 & m6
     sc_hi = (a2 & m4) | (((a0 >> np.uint32(6)) & m2) << np.uint32(4))
@@ -75,8 +75,8 @@ def _k4_pair(words, j):
 
 
 @njit(inline="always", cache=True)
-def decode_row_q4_k(row, row32, nb, w16, dsc, dmins):
-    """Unpack ``nb`` Q4_K blocks (144 bytes each) of ``row``.
+def decode_row_q4_k(q, q32, e, r, nb, w16, dsc, dmins, s):
+    """Unpack the ``nb`` Q4_K blocks (144 bytes each) of row ``q[e, r]`` into buffer row ``s``.
 
     Block layout: ``d`` fp16 @0, ``dmin`` fp16 @2, scales[12] @4, qs[128] @16.
     Values ``64j .. 64j+31`` are the low nibbles of ``qs[32j .. 32j+31]``,
@@ -86,38 +86,45 @@ def decode_row_q4_k(row, row32, nb, w16, dsc, dmins):
 
     Parameters
     ----------
-    row : uint8 [nb * 144]
-    row32 : uint32 [nb * 36]
+    q : uint8 [E, rows, nb * 144]
+    q32 : uint32 [E, rows, nb * 36]
         The same bytes as little-endian words (for the scale unpacking).
+    e, r : int
+        Expert and row.
     nb : int
         Blocks in the row (cols / 256).
-    w16 : int16 [>= nb * 256]
-        Receives ``sc * q``.
-    dsc : float32 [>= nb]
-        Receives ``d``.
-    dmins : float32 [>= nb * 8]
-        Receives ``dmin * m`` per 32-value sub-block.
+    w16 : int16 [slots, >= nb * 256]
+        Row ``s`` receives ``sc * q``.
+    dsc : float32 [slots, >= nb]
+        Row ``s`` receives ``d``.
+    dmins : float32 [slots, >= nb * 8]
+        Row ``s`` receives ``dmin * m`` per 32-value sub-block.
+    s : int
+        Buffer row.
+
+    Rows and buffers are indexed in place, never sliced: a view made inside
+    the kernels' loops costs an atomic reference-count update each time.
     """
     for b in range(nb):
         o = b * 144
-        dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
-        dmin = f16_bytes_to_f32(row[o + 2], row[o + 3])
-        words = _k4_scale_words(row32, 36 * b + 1)
+        dsc[s, b] = f16_bytes_to_f32(q[e, r, o], q[e, r, o + 1])
+        dmin = f16_bytes_to_f32(q[e, r, o + 2], q[e, r, o + 3])
+        words = _k4_scale_words(q32, e, r, 36 * b + 1)
         for j in range(4):
             s0, s1, m0, m1 = _k4_pair(words, j)
-            dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
-            dmins[b * 8 + 2 * j + 1] = dmin * np.float32(m1)
-            q = o + 16 + 32 * j
+            dmins[s, b * 8 + 2 * j] = dmin * np.float32(m0)
+            dmins[s, b * 8 + 2 * j + 1] = dmin * np.float32(m1)
+            qo = o + 16 + 32 * j
             w = b * 256 + 64 * j
             for l in range(32):
-                v = row[q + l]
-                w16[w + l] = np.int16(v & np.uint8(15)) * s0
-                w16[w + 32 + l] = np.int16(v >> np.uint8(4)) * s1
+                v = q[e, r, qo + l]
+                w16[s, w + l] = np.int16(v & np.uint8(15)) * s0
+                w16[s, w + 32 + l] = np.int16(v >> np.uint8(4)) * s1
 
 
 @njit(inline="always", cache=True)
-def decode_row_q5_k(row, row32, nb, w16, dsc, dmins):
-    """Unpack ``nb`` Q5_K blocks (176 bytes each) of ``row``.
+def decode_row_q5_k(q, q32, e, r, nb, w16, dsc, dmins, s):
+    """Unpack the ``nb`` Q5_K blocks (176 bytes each) of row ``q[e, r]`` into buffer row ``s``.
 
     Block layout: ``d`` @0, ``dmin`` @2, scales[12] @4, qh[32] @16,
     qs[128] @48.  Value ``i*32 + l`` (sub-block i = 2j + s) takes its low four
@@ -128,33 +135,33 @@ def decode_row_q5_k(row, row32, nb, w16, dsc, dmins):
         y[64j + l]      = L | b(2j)   << 4
         y[64j + 32 + l] = H | b(2j+1) << 4
 
-    Arguments and outputs as :func:`decode_row_q4_k` (``row32``: [nb * 44]).
+    Arguments and outputs as :func:`decode_row_q4_k` (``q32``: [E, rows, nb * 44]).
     """
     for b in range(nb):
         o = b * 176
-        dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
-        dmin = f16_bytes_to_f32(row[o + 2], row[o + 3])
-        words = _k4_scale_words(row32, 44 * b + 1)
+        dsc[s, b] = f16_bytes_to_f32(q[e, r, o], q[e, r, o + 1])
+        dmin = f16_bytes_to_f32(q[e, r, o + 2], q[e, r, o + 3])
+        words = _k4_scale_words(q32, e, r, 44 * b + 1)
         for j in range(4):
             s0, s1, m0, m1 = _k4_pair(words, j)
-            dmins[b * 8 + 2 * j] = dmin * np.float32(m0)
-            dmins[b * 8 + 2 * j + 1] = dmin * np.float32(m1)
+            dmins[s, b * 8 + 2 * j] = dmin * np.float32(m0)
+            dmins[s, b * 8 + 2 * j + 1] = dmin * np.float32(m1)
             sh0 = np.uint8(2 * j)
             sh1 = np.uint8(2 * j + 1)
-            q = o + 48 + 32 * j
+            qo = o + 48 + 32 * j
             w = b * 256 + 64 * j
             # One store stream per loop (see decode_row_q6_k).
             for l in range(32):
-                lo = (row[q + l] & np.uint8(15)) | (((row[o + 16 + l] >> sh0) & np.uint8(1)) << np.uint8(4))
-                w16[w + l] = np.int16(lo) * s0
+                lo = (q[e, r, qo + l] & np.uint8(15)) | (((q[e, r, o + 16 + l] >> sh0) & np.uint8(1)) << np.uint8(4))
+                w16[s, w + l] = np.int16(lo) * s0
             for l in range(32):
-                hi = (row[q + l] >> np.uint8(4)) | (((row[o + 16 + l] >> sh1) & np.uint8(1)) << np.uint8(4))
-                w16[w + 32 + l] = np.int16(hi) * s1
+                hi = (q[e, r, qo + l] >> np.uint8(4)) | (((q[e, r, o + 16 + l] >> sh1) & np.uint8(1)) << np.uint8(4))
+                w16[s, w + 32 + l] = np.int16(hi) * s1
 
 
 @njit(inline="always", cache=True)
-def decode_row_q6_k(row, nb, w16, dsc):
-    """Unpack ``nb`` Q6_K blocks (210 bytes each) of ``row``.
+def decode_row_q6_k(q, e, r, nb, w16, dsc, s):
+    """Unpack the ``nb`` Q6_K blocks (210 bytes each) of row ``q[e, r]`` into buffer row ``s``.
 
     Block layout: ql[128] @0, qh[64] @128, scales int8[16] @192, ``d`` @208.
     Half ``n`` (values ``128n ..``) reads ``ql[64n ..]`` and ``qh[32n ..]``::
@@ -167,15 +174,20 @@ def decode_row_q6_k(row, nb, w16, dsc):
 
     Parameters
     ----------
-    row : uint8 [nb * 210]
-    w16 : int16 [>= nb * 256]
-        Receives ``sc * (q - 32)``.
-    dsc : float32 [>= nb]
-        Receives ``d``.
+    q : uint8 [E, rows, nb * 210]
+    e, r : int
+        Expert and row.
+    nb : int
+    w16 : int16 [slots, >= nb * 256]
+        Row ``s`` receives ``sc * (q - 32)``.
+    dsc : float32 [slots, >= nb]
+        Row ``s`` receives ``d``.
+    s : int
+        Buffer row.
     """
     for b in range(nb):
         o = b * 210
-        dsc[b] = f16_bytes_to_f32(row[o + 208], row[o + 209])
+        dsc[s, b] = f16_bytes_to_f32(q[e, r, o + 208], q[e, r, o + 209])
         for n in range(2):
             for k in range(4):
                 # Quarter k of half n (values 128n + 32k + l): nibble k // 2 of
@@ -187,30 +199,35 @@ def decode_row_q6_k(row, nb, w16, dsc):
                 qh = o + 128 + 32 * n
                 lsh = np.uint8(4 * (k // 2))
                 hsh = np.uint8(2 * k)
-                s0 = np.int16(np.int8(row[o + 192 + 8 * n + 2 * k]))
-                s1 = np.int16(np.int8(row[o + 193 + 8 * n + 2 * k]))
+                s0 = np.int16(np.int8(q[e, r, o + 192 + 8 * n + 2 * k]))
+                s1 = np.int16(np.int8(q[e, r, o + 193 + 8 * n + 2 * k]))
                 w = b * 256 + 128 * n + 32 * k
                 for l in range(32):
-                    qv = ((row[ql + l] >> lsh) & np.uint8(15)) | (((row[qh + l] >> hsh) & np.uint8(3)) << np.uint8(4))
-                    w16[w + l] = (np.int16(qv) - np.int16(32)) * (s0 if l < 16 else s1)
+                    qv = ((q[e, r, ql + l] >> lsh) & np.uint8(15)) | (((q[e, r, qh + l] >> hsh) & np.uint8(3)) << np.uint8(4))
+                    w16[s, w + l] = (np.int16(qv) - np.int16(32)) * (s0 if l < 16 else s1)
 
 
 @njit(inline="always", cache=True)
-def decode_row_q8_0(row, nb32, w16, dsc):
-    """Unpack ``nb32`` Q8_0 blocks (34 bytes, 32 values each) of ``row``.
+def decode_row_q8_0(q, e, r, nb32, w16, dsc, s):
+    """Unpack the ``nb32`` Q8_0 blocks (34 bytes, 32 values each) of row ``q[e, r]`` into buffer row ``s``.
 
     Block layout: ``d`` fp16 @0, qs int8[32] @2; value = d * q.
 
     Parameters
     ----------
-    row : uint8 [nb32 * 34]
-    w16 : int16 [>= nb32 * 32]
-        Receives ``q``.
-    dsc : float32 [>= nb32]
-        Receives ``d`` of every 32-value block.
+    q : uint8 [E, rows, nb32 * 34]
+    e, r : int
+        Expert and row.
+    nb32 : int
+    w16 : int16 [slots, >= nb32 * 32]
+        Row ``s`` receives ``q``.
+    dsc : float32 [slots, >= nb32]
+        Row ``s`` receives ``d`` of every 32-value block.
+    s : int
+        Buffer row.
     """
     for b in range(nb32):
         o = b * 34
-        dsc[b] = f16_bytes_to_f32(row[o], row[o + 1])
+        dsc[s, b] = f16_bytes_to_f32(q[e, r, o], q[e, r, o + 1])
         for l in range(32):
-            w16[b * 32 + l] = np.int16(np.int8(row[o + 2 + l]))
+            w16[s, b * 32 + l] = np.int16(np.int8(q[e, r, o + 2 + l]))
