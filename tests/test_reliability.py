@@ -322,9 +322,6 @@ def test_combine_top_k_zero_does_not_crash():
     assert "MoEError" in r.stdout and "top_k" in r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="cpu/gemm.py grouped_gate_up/grouped_down: "
-                   "num_threads=-1 is not validated (numpy 'negative dimensions' ValueError "
-                   "from the scratch allocation, not a MoEError naming num_threads)")
 def test_gemm_rejects_bad_num_threads(layer):
     x = _x(2)
     plan = _plan_for(layer, x)

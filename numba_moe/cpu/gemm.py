@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 
 import gguf
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ..errors import MoEError
 from ..experts import ExpertTensor
@@ -323,6 +323,16 @@ def _as_projection(t, what):
     raise MoEError(f"{what}: expected an ExpertTensor, got {type(t).__name__}")
 
 
+def _work_runs(num_threads) -> int:
+    """Validated ``num_threads`` argument (None: Numba's thread count)."""
+    if num_threads is None:
+        return get_num_threads()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
+            or num_threads < 1:
+        raise MoEError(f"num_threads={num_threads!r}: expected an integer >= 1")
+    return int(num_threads)
+
+
 def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num_threads=None):
     """``h[p] = silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)`` for every slot of a plan.
 
@@ -365,7 +375,7 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
     elif not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.ndim == 2
               and out.shape[0] >= pairs and out.shape[1] == g.rows and out.flags.c_contiguous):
         raise MoEError(f"out: expected a C-contiguous float32 array [>= {pairs}, {g.rows}]")
-    nbins = int(num_threads or numba.get_num_threads())
+    nbins = _work_runs(num_threads)
     if g.qt == QT_DENSE and u.qt == QT_DENSE:
         xq, xd, xmb = _unquantized(x)
     else:
@@ -408,7 +418,7 @@ def grouped_down(down, h, expert_offsets, out=None, num_threads=None):
     elif not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.ndim == 2
               and out.shape[0] >= pairs and out.shape[1] == d.rows and out.flags.c_contiguous):
         raise MoEError(f"out: expected a C-contiguous float32 array [>= {pairs}, {d.rows}]")
-    nbins = int(num_threads or numba.get_num_threads())
+    nbins = _work_runs(num_threads)
     hq, hd, hmb = _unquantized(h) if d.qt == QT_DENSE else quantize_rows(h, pairs)
     items, bounds = _schedule(expert_offsets, d.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, d.cols)
