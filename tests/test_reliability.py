@@ -748,7 +748,11 @@ def test_cuda_more_tokens_than_grid_y(layer):
     backend = pytest.importorskip("cuda_backend")
     if backend.SIMULATOR or not backend.usable:
         pytest.skip("needs a real GPU")
+    from numba_moe.reference import moe_forward_float64
+
     x = _x(65536, seed=9)
     y = layer(x, device="cuda")
     pick = np.r_[0:2, 65534:65536]
-    np.testing.assert_allclose(y[pick], layer(x[pick]), rtol=1e-2, atol=1e-3)
+    # against float64 (the CPU path quantizes activations: ~1e-3 apart)
+    ref = moe_forward_float64(layer, x[pick])
+    assert np.linalg.norm(y[pick] - ref) / np.linalg.norm(ref) < 1e-4

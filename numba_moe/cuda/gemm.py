@@ -183,7 +183,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile
             emit(f"{ind}q0, q1, q2, q3 = values4(raw0, c, {v}, {sg})")
             emit(f"{ind}h0, h1, h2, h3 = values4(raw1, c, {v}, {sg})")
             for t in toks:
-                emit(f"{ind}x0, x1, x2, x3 = shared_load4(xs, 4 * ({t} * tstride) + xb + {jv} * vstride)")
+                emit(f"{ind}x0, x1, x2, x3 = shared_load4(xs, 4 * ({t} * tstride) + xb"
+                     f" + {jv} * vstride)")
                 for i in range(4):
                     emit(f"{ind}sg{t} += q{i} * x{i}\n{ind}su{t} += h{i} * x{i}")
                 if has_offset:

@@ -19,8 +19,8 @@ from numba import cuda, float32, float64, int32, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32", "block_exclusive_scan",
-           "next_pow2"]
+           "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
+           "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)

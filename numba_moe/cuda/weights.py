@@ -5,8 +5,8 @@ The GEMM kernels read four device arrays per weight tensor (``planes``):
 =======  ==========================================================  =======
 type     planes (wa, wb, wc, wd)                                      bytes
 =======  ==========================================================  =======
-Q4_K     raw blocks as uint32, -, -, the same bytes as fp16 (d, dmin)  same
-Q5_K     raw blocks as uint32, -, -, the same bytes as fp16           same
+Q4_K     raw blocks as uint32 (d, dmin: word 0), -, -, -              same
+Q5_K     raw blocks as uint32 (d, dmin: word 0), -, -, -              same
 Q6_K     ql uint32, qh uint32, scales uint32, d fp16                  same
 Q8_0     qs uint32, -, -, d fp16                                      same
 F32      values float32, -, -, -                                      4/value
@@ -98,7 +98,7 @@ def _planes_of(blocks: np.ndarray, qtype, stream):
     du32, df16 = _dummies(stream)
     if qtype in (Q.Q4_K, Q.Q5_K):
         raw = cuda.to_device(np.ascontiguousarray(blocks).reshape(-1), stream=stream)
-        return (raw.view(np.uint32), du32, du32, raw.view(np.float16))
+        return (raw.view(np.uint32), du32, du32, df16)
     if qtype == Q.Q6_K:
         ql, qh, sc, d = (np.ascontiguousarray(blocks[:, a:b]).reshape(-1)
                          for a, b in ((0, 128), (128, 192), (192, 208), (208, 210)))
