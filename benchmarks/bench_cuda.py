@@ -133,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="CUDA_LAUNCH.gemv_min_blocks")
     ap.add_argument("--per-lane", type=int, default=None,
                     help="CUDA_LAUNCH.gemv_chunks_per_lane")
+    ap.add_argument("--gemv-max", type=int, default=None, help="CUDA_LAUNCH.gemv_max_tokens")
+    ap.add_argument("--router-max", type=int, default=None,
+                    help="CUDA_LAUNCH.router_gemv_max_tokens")
     args = ap.parse_args(argv)
     # grouped launches size their grids for the worst case; idle blocks exit
     warnings.filterwarnings("ignore", message=".*Grid size")
@@ -142,6 +145,10 @@ def main(argv=None):
         CUDA_LAUNCH.gemv_min_blocks = args.blocks
     if args.per_lane:
         CUDA_LAUNCH.gemv_chunks_per_lane = args.per_lane
+    if args.gemv_max is not None:
+        CUDA_LAUNCH.gemv_max_tokens = args.gemv_max
+    if args.router_max is not None:
+        CUDA_LAUNCH.router_gemv_max_tokens = args.router_max
 
     dev = cuda.get_current_device()
     print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}")

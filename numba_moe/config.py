@@ -137,13 +137,17 @@ class CudaLaunch:
     tile_m, tile_n : int
         Output tile of the tiled (large-T) grouped GEMM; ``tile_m`` is also
         the block size of the device's ``moe_align_block_size`` layout (one of
-        :data:`BLOCK_SIZES`), both multiples of 4.
+        :data:`BLOCK_SIZES`); ``tile_m`` a multiple of 8 and ``tile_n`` of 4
+        (the per-thread micro-tile of the tiled kernel).
     topk_warps : int
         Tokens (one warp each) per block of the routing kernel.
     gemv_max_tokens : int
         Largest average number of tokens per expert (``T * K / E``; ``T`` for
         the shared expert) served by the GEMV kernel; above it the tiled
-        kernel runs.  The router always takes the GEMV kernel.
+        kernel runs.
+    router_gemv_max_tokens : int
+        Largest token count whose router runs on the GEMV kernel; above it
+        the tiled kernel runs.
     graphs : bool
         Capture each token count's forward into a CUDA graph and replay it
         (ignored under the simulator and while profiling).
@@ -172,7 +176,8 @@ class CudaLaunch:
     tile_m: int = 64
     tile_n: int = 64
     topk_warps: int = 4
-    gemv_max_tokens: int = 8
+    gemv_max_tokens: int = 16
+    router_gemv_max_tokens: int = 2048
     graphs: bool = True
     gemv_min_blocks: int = 2
     gemv_chunks_per_lane: int = 4

@@ -16,8 +16,9 @@ Kernel choice per T: when the average number of tokens per expert
 (``T * K / E``; ``T`` for the shared expert) is at most
 ``CUDA_LAUNCH.gemv_max_tokens``, the GEMV kernel (weights read once per
 pass of up to :data:`~numba_moe.cuda.gemm.MAX_TOKENS_PER_PASS` tokens of an
-expert); otherwise the tiled kernel.  The router (E rows) always takes the
-GEMV kernel, its passes split over blocks.
+expert); otherwise the tiled kernel.  The router (E rows) takes the GEMV
+kernel, its passes split over blocks, up to
+``CUDA_LAUNCH.router_gemv_max_tokens`` tokens, and the tiled kernel above.
 """
 from __future__ import annotations
 
@@ -274,6 +275,7 @@ class CudaMoE:
         lim = CUDA_LAUNCH.gemv_max_tokens
         small = p <= lim * e
         shared_small = n_tok <= lim
+        router_small = n_tok <= CUDA_LAUNCH.router_gemv_max_tokens
         nt = tokens_per_pass(p / e)
         # two blocks share the passes of an expert when counts spread around the mean
         routed_splits = 1 if 2 * p <= e else 2
@@ -287,7 +289,7 @@ class CudaMoE:
 
         def router():
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
-                       True, splits, nt_tok)
+                       router_small, splits, nt_tok)
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,

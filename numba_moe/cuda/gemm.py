@@ -22,8 +22,10 @@ from memory once per pass.
 *Tiled kernel* (many tokens per expert): one block computes a
 ``tile_m x tile_n`` output tile of one expert from vLLM-style padded blocks
 (:func:`numba_moe.cuda.plan.plan_device`); each 32-value chunk of the
-weight tile is decoded into shared memory once and reused by ``tile_m``
-token rows.  Plain FMA (SIMT) arithmetic in float32.
+weight tile is decoded into shared memory (float32) once and reused by
+``tile_m`` token rows; each thread accumulates a ``MICRO_M x MICRO_N``
+micro-tile (per half in ``gate_up`` mode) in registers, fed by 16-byte
+shared loads.  Plain FMA (SIMT) arithmetic in float32.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .primitives import device_inline, load4, seg_sum, shared_load4
 from .primitives import kernel as kernel_jit
 
 __all__ = ["MAX_TOKENS_PER_PASS", "tokens_per_pass", "gemv_kernel", "gemv_layout",
-           "tiled_kernel", "tiled_layout", "MICRO"]
+           "tiled_kernel", "tiled_layout", "MICRO_M", "MICRO_N"]
 
 #: Most tokens the GEMV kernel serves per pass over an expert's weights.
 MAX_TOKENS_PER_PASS = 8
@@ -44,8 +46,10 @@ MAX_TOKENS_PER_PASS = 8
 GEMV_MAX_THREADS = 256
 # Blocks the GEMV grid aims for: two per multiprocessor of an H100.
 _TARGET_BLOCKS = 264
-#: Rows and columns of the per-thread output micro-tile of the tiled kernel.
-MICRO = 4
+#: Tokens and weight rows of the per-thread output micro-tile of the tiled
+#: kernel (multiples of 4: read with 16-byte shared loads).
+MICRO_M = 8
+MICRO_N = 4
 
 _cache = {}
 # exp(80) is finite in float32; below -80, silu(g) is 0 to float32 precision
@@ -260,11 +264,13 @@ def tiled_kernel(qi: QInfo, gate_up: bool, tile_m: int, tile_n: int):
 
     Signature::
 
-        kernel[(m_blocks, n_blocks), (tile_m // 4) * (tile_n // 4), stream](
+        kernel[(m_blocks, n_blocks), threads, stream, shared_bytes](
             wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
             x, num_pairs, top_k, sorted_ids, block_expert, meta,
             pairs_by_token, out)
 
+    (``threads``, ``n_blocks``, ``shared_bytes`` from :func:`tiled_layout`;
+    ``tile_m`` a multiple of :data:`MICRO_M`, ``tile_n`` of :data:`MICRO_N`.)
     Block ``mb`` computes rows ``sorted_ids[mb*tile_m : (mb+1)*tile_m]`` (pair
     indices; ``>= num_pairs`` is padding) of expert ``block_expert[mb]``, and
     exits when ``mb * tile_m >= meta[1]``.  Input row of pair ``p``: token
@@ -277,109 +283,137 @@ def tiled_kernel(qi: QInfo, gate_up: bool, tile_m: int, tile_n: int):
     return _cache[key]
 
 
-def _make_tiled(qi: QInfo, gate_up: bool, bm: int, bn: int):
-    nseg, seglen = qi.nseg, qi.seglen
-    decode, seg_col = qi.decode, qi.seg_col
-    tm = tn = MICRO
-    ty_n = bm // tm
-    tx_n = bn // tn
-    nthreads = ty_n * tx_n
+def _tiled_source(bm: int, bn: int, gate_up: bool) -> str:
+    """Python source of the tiled kernel, its micro-tile written out.
+
+    Thread ``(ty, tx)`` owns tokens ``ty*MICRO_M ...`` and rows
+    ``tx*MICRO_N ...`` of the block tile (of gate and up in ``gate_up``
+    mode), accumulated in named registers.  Per 32-value chunk the block
+    stages the activations as ``a_s[k][m]`` (row stride ``bm + 4``) and the
+    decoded float32 weights as ``w_s[k][n]`` (gate rows, then up rows), so
+    that a thread reads its ``MICRO_M`` activations and ``MICRO_N`` weights
+    (per half) of one ``k`` with 16-byte shared loads: 4 loads (gate_up) per
+    64 FMAs.  The loops over the micro-tile are written out because LLVM
+    does not fully unroll a body this large (the accumulators would live in
+    local memory).
+    """
     rw = 2 if gate_up else 1
+    a_stride = bm + 4
     wn = rw * bn
-    n_acc = 2 * tm * tn
-    n_bv = 2 * tn
-    gate_up_mode = gate_up
-
-    @cuda.jit
-    def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
-               x, num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
-        mb = cuda.blockIdx.x
-        if mb * bm >= meta[1]:
-            return
-        e = block_expert[mb]
-        n0 = cuda.blockIdx.y * bn
-        tid = cuda.threadIdx.x
-        ty = tid // tx_n
-        tx = tid % tx_n
-        a_s = cuda.shared.array((32, bm), float32)
-        w_s = cuda.shared.array((32, wn), float32)
-        xrow_s = cuda.shared.array(bm, dtype=int64)
-        orow_s = cuda.shared.array(bm, dtype=int64)
-        for m in range(tid, bm, nthreads):
-            p = sorted_ids[mb * bm + m]
-            if p < num_pairs:
-                slot = pairs_by_token[p]
-                xrow_s[m] = p // top_k if gate_up_mode else slot
-                orow_s[m] = slot
+    toks = range(MICRO_M)
+    cols_ = range(MICRO_N)
+    halves = range(rw)
+    lines = []
+    emit = lines.append
+    emit(f"""
+def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
+           x, num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
+    mb = cuda.blockIdx.x
+    if mb * {bm} >= meta[1]:
+        return
+    e = block_expert[mb]
+    n0 = cuda.blockIdx.y * {bn}
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    ty = tid // {bn // MICRO_N}
+    tx = tid - ty * {bn // MICRO_N}
+    sh = cuda.shared.array(0, float32)
+    xrow_s = cuda.shared.array({bm}, int64)
+    orow_s = cuda.shared.array({bm}, int64)
+    for m in range(tid, {bm}, nthreads):
+        p = sorted_ids[mb * {bm} + m]
+        if p < num_pairs:
+            slot = pairs_by_token[p]
+            xrow_s[m] = {"p // top_k" if gate_up else "slot"}
+            orow_s[m] = slot
+        else:
+            xrow_s[m] = -1
+            orow_s[m] = -1
+    cuda.syncthreads()
+    cols = n_chunks * 32
+    erow = int64(e) * rows
+    q = cuda.local.array(32, float32)
+    ab = cuda.local.array(8, float32)
+    a_off = int32(ty * {MICRO_M})
+    w_off = int32({32 * a_stride} + tx * {MICRO_N})""")
+    for h in halves:
+        for i in toks:
+            emit("    " + " = ".join(f"c{h}_{i}_{j}" for j in cols_) + " = float32(0)")
+    emit(f"""    for c in range(n_chunks):
+        # activations: consecutive threads take consecutive tokens (no bank conflicts)
+        for idx in range(tid, {bm * 8}, nthreads):
+            kg = idx // {bm}
+            m = idx - kg * {bm}
+            k = kg * 4
+            xr = xrow_s[m]
+            if xr >= 0:
+                s = k // seglen
+                x0, x1, x2, x3 = load4(x, xr * cols + seg_col(c, s) + k - s * seglen)
             else:
-                xrow_s[m] = -1
-                orow_s[m] = -1
+                x0 = x1 = x2 = x3 = float32(0)
+            o = k * {a_stride} + m
+            sh[o] = x0
+            sh[o + {a_stride}] = x1
+            sh[o + {2 * a_stride}] = x2
+            sh[o + {3 * a_stride}] = x3
+        for wr in range(tid, {wn}, nthreads):
+            half = wr // {bn}
+            r = n0 + wr - half * {bn}
+            if r < rows:
+                if half == 1:
+                    decode(va, vb, vc, vd, erow + r, c, nb, q, 0, ab, 0)
+                else:
+                    decode(wa, wb, wc, wd, erow + r, c, nb, q, 0, ab, 0)
+                for s in range(nseg):
+                    a = ab[s]
+                    b = ab[4 + s]
+                    for i in range(seglen):
+                        sh[{32 * a_stride} + (s * seglen + i) * {wn} + wr] = a * q[s * seglen + i] - b
+            else:
+                for i in range(32):
+                    sh[{32 * a_stride} + i * {wn} + wr] = float32(0)
         cuda.syncthreads()
-        cols = n_chunks * 32
-        erow = e * rows
-        acc = cuda.local.array(n_acc, float32)
-        for i in range(rw * tm * tn):
-            acc[i] = float32(0)
-        q = cuda.local.array(32, float32)
-        ab = cuda.local.array(8, float32)
-        av = cuda.local.array(tm, float32)
-        bv = cuda.local.array(n_bv, float32)
-        for c in range(n_chunks):
-            for idx in range(tid, bm * 8, nthreads):
-                m = idx >> 3
-                k = (idx & 7) * 4
-                xr = xrow_s[m]
-                if xr >= 0:
-                    s = k // seglen
-                    x0, x1, x2, x3 = load4(x, xr * cols + seg_col(c, s) + k - s * seglen)
-                else:
-                    x0 = x1 = x2 = x3 = float32(0)
-                a_s[k, m] = x0
-                a_s[k + 1, m] = x1
-                a_s[k + 2, m] = x2
-                a_s[k + 3, m] = x3
-            for wr in range(tid, wn, nthreads):
-                half = wr // bn
-                r = n0 + wr - half * bn
-                if r < rows:
-                    if gate_up_mode and half == 1:
-                        decode(va, vb, vc, vd, erow + r, c, nb, q, 0, ab, 0)
-                    else:
-                        decode(wa, wb, wc, wd, erow + r, c, nb, q, 0, ab, 0)
-                    for s in range(nseg):
-                        a = ab[s]
-                        b = ab[4 + s]
-                        for i in range(seglen):
-                            w_s[s * seglen + i, wr] = a * q[s * seglen + i] - b
-                else:
-                    for i in range(32):
-                        w_s[i, wr] = float32(0)
-            cuda.syncthreads()
-            for k in range(32):
-                for i in range(tm):
-                    av[i] = a_s[k, ty + i * ty_n]
-                for jj in range(rw * tn):
-                    half = jj // tn
-                    bv[jj] = w_s[k, half * bn + tx + (jj - half * tn) * tx_n]
-                for i in range(tm):
-                    for jj in range(rw * tn):
-                        acc[i * rw * tn + jj] += av[i] * bv[jj]
-            cuda.syncthreads()
-        for i in range(tm):
-            orow = orow_s[ty + i * ty_n]
-            if orow >= 0:
-                for jj in range(tn):
-                    n = n0 + tx + jj * tx_n
-                    if n < rows:
-                        g = acc[i * rw * tn + jj]
-                        if gate_up_mode:
-                            u = acc[i * rw * tn + tn + jj]
-                            g = _silu(g) * u
-                        out[orow * rows + n] = g
-
-    return kernel
+        ao = a_off
+        wo = w_off
+        for k in range(32):""")
+    ind = " " * 12
+    for g in range(MICRO_M // 4):
+        emit(f"{ind}" + ", ".join(f"x{4 * g + i}" for i in range(4))
+             + f" = shared_load4(sh, ao + {4 * g})")
+    for h in halves:
+        for g in range(MICRO_N // 4):
+            emit(f"{ind}" + ", ".join(f"w{h}_{4 * g + j}" for j in range(4))
+                 + f" = shared_load4(sh, wo + {h * bn + 4 * g})")
+    for h in halves:
+        for i in toks:
+            for j in cols_:
+                emit(f"{ind}c{h}_{i}_{j} += x{i} * w{h}_{j}")
+    emit(f"""{ind}ao += {a_stride}
+{ind}wo += {wn}
+        cuda.syncthreads()""")
+    for i in toks:
+        emit(f"""    orow = orow_s[ty * {MICRO_M} + {i}]
+    if orow >= 0:""")
+        for j in cols_:
+            val = f"silu(c0_{i}_{j}) * c1_{i}_{j}" if gate_up else f"c0_{i}_{j}"
+            emit(f"""        n = n0 + tx * {MICRO_N} + {j}
+        if n < rows:
+            out[orow * rows + n] = {val}""")
+    return "\n".join(lines) + "\n"
 
 
-def tiled_layout(rows: int, tile_m: int, tile_n: int):
-    """``(threads, n_blocks)`` of the tiled launch for ``rows`` output rows."""
-    return (tile_m // MICRO) * (tile_n // MICRO), -(-rows // tile_n)
+def _make_tiled(qi: QInfo, gate_up: bool, bm: int, bn: int):
+    src = _tiled_source(bm, bn, gate_up)
+    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, decode=qi.decode,
+              seg_col=qi.seg_col, nseg=qi.nseg, seglen=qi.seglen, load4=load4,
+              shared_load4=shared_load4, silu=_silu)
+    exec(compile(src, f"<tiled {qi.qtype.name} gate_up={gate_up} {bm}x{bn}>", "exec"), ns)
+    return cuda.jit(ns["kernel"])
+
+
+def tiled_layout(rows: int, tile_m: int, tile_n: int, gate_up: bool):
+    """``(threads, n_blocks, shared_bytes)`` of the tiled launch for ``rows``
+    output rows (``gate_up``: gate and up weight tiles staged)."""
+    wn = (2 if gate_up else 1) * tile_n
+    return ((tile_m // MICRO_M) * (tile_n // MICRO_N), -(-rows // tile_n),
+            4 * 32 * (tile_m + 4 + wn))

@@ -56,8 +56,8 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     else:
         bm, bn = CUDA_LAUNCH.tile_m, CUDA_LAUNCH.tile_n
         kern = tiled_kernel(w.info, gate_up, bm, bn)
-        threads, n_blocks = tiled_layout(w.rows, bm, bn)
-        kern[(m_blocks, n_blocks), threads, stream](
+        threads, n_blocks, shared = tiled_layout(w.rows, bm, bn, gate_up)
+        kern[(m_blocks, n_blocks), threads, stream, shared](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, x, num_pairs, top_k,
             plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
 
