@@ -1,7 +1,8 @@
 """GPU benchmark of one Qwen3-30B-A3B MoE layer: ``layer(x, device="cuda")``.
 
 Layer: H=2048, I=768, E=128, K=8, gate/up Q4_K, down Q6_K (what Q4_K_M
-files hold), built in memory from random but valid blocks (no GGUF file).
+files hold), written with ``write_moe_gguf(init="random_blocks")`` into a
+temporary directory: the same layer ``benchmarks/bench_cpu.py`` times.
 For each token count T it prints, in one run on one card:
 
 * ``ours``: device time of one forward (router, top-k, plan, both GEMMs,
@@ -24,76 +25,28 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 import warnings
 
-import gguf
 import numpy as np
 from numba import cuda
 
+import numba_moe as nm
+from numba_moe.bench import QWEN3_30B_A3B, cuda_copy_bandwidth, cuda_event_seconds
 from numba_moe.config import CUDA_LAUNCH
 from numba_moe.cuda.graph import CapturedGraph
-from numba_moe.experts import ExpertTensor
-from numba_moe.layer import MoELayer
 
-Q = gguf.GGMLQuantizationType
-H, I, E, K = 2048, 768, 128, 8
+H, I, K = (QWEN3_30B_A3B[k] for k in ("hidden_size", "expert_intermediate", "top_k"))
 #: vLLM fused_moe (bf16, H100), microseconds, routing excluded.
 VLLM_US = {1: 44, 4: 113, 16: 283, 64: 424, 512: 476, 4096: 940}
 
 
-def random_blocks(qtype, e, rows, cols, rng) -> ExpertTensor:
-    """Random bytes with fp16 scales in [1e-3, 1e-2): valid blocks, sane values."""
-    bsz, tsz = gguf.GGML_QUANT_SIZES[qtype]
-    n = e * rows * cols // bsz
-    b = rng.integers(0, 256, size=(n, tsz), dtype=np.uint8)
-    for off in {Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[qtype]:
-        b[:, off:off + 2] = rng.uniform(1e-3, 1e-2, n).astype(np.float16).view(
-            np.uint8).reshape(n, 2)
-    return ExpertTensor(qtype.name, qtype, e, rows, cols, b.reshape(e, rows, -1))
-
-
-def build_layer(seed=0) -> MoELayer:
-    rng = np.random.default_rng(seed)
-    return MoELayer(arch="qwen3moe", layer_index=0, path=None,
-                    router=(rng.standard_normal((E, H)) * 0.02).astype(np.float32),
-                    gate=random_blocks(Q.Q4_K, E, I, H, rng),
-                    up=random_blocks(Q.Q4_K, E, I, H, rng),
-                    down=random_blocks(Q.Q6_K, E, H, I, rng),
-                    gate_up_fused=None, shared=None, norm_topk_prob=True, gating="softmax",
-                    n_group=1, topk_group=1, routed_scale=1.0, selection_bias=None, top_k=K,
-                    file=None)
-
-
-def copy_bandwidth(nbytes=1 << 30, reps=20) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = cuda.device_array(nbytes // 4, np.float32)
-    dst = cuda.device_array(nbytes // 4, np.float32)
-    dst.copy_to_device(src)
-    times = []
-    for _ in range(reps):
-        a, b = cuda.event(), cuda.event()
-        a.record()
-        dst.copy_to_device(src)
-        b.record()
-        b.synchronize()
-        times.append(cuda.event_elapsed_time(a, b) / 1e3)
-    return 2 * nbytes / statistics.median(times)
-
-
 def time_graph(st, t, reps) -> float:
     """Median device seconds of one graph replay for T=t (graph already captured)."""
-    graph = st.graphs[t]
-    times = []
-    for _ in range(reps):
-        a, b = cuda.event(), cuda.event()
-        a.record(st.stream)
-        graph.replay()
-        b.record(st.stream)
-        b.synchronize()
-        times.append(cuda.event_elapsed_time(a, b) / 1e3)
-    return statistics.median(times)
+    return cuda_event_seconds(st.graphs[t].replay, reps, st.stream)
 
 
 def time_call(layer, d_x, reps) -> float:
@@ -111,15 +64,7 @@ def phase_times(st, t, reps=20, inner=10):
     res = {}
     for name, launch in st.phases(t):
         graph = CapturedGraph(st.stream, lambda: [launch() for _ in range(inner)])
-        times = []
-        for _ in range(reps):
-            a, b = cuda.event(), cuda.event()
-            a.record(st.stream)
-            graph.replay()
-            b.record(st.stream)
-            b.synchronize()
-            times.append(cuda.event_elapsed_time(a, b) / 1e3 / inner)
-        res[name] = statistics.median(times)
+        res[name] = cuda_event_seconds(graph.replay, reps, st.stream, inner)
     return res
 
 
@@ -152,11 +97,14 @@ def main(argv=None):
 
     dev = cuda.get_current_device()
     print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}")
+    tmp = tempfile.TemporaryDirectory()
+    path = nm.write_moe_gguf(os.path.join(tmp.name, "qwen3moe_layer.gguf"),
+                             init="random_blocks", seed=0, **QWEN3_30B_A3B)
     t0 = time.perf_counter()
-    layer = build_layer().to("cuda")
+    layer = nm.load_moe_layer(path, 0).to("cuda")
     st = layer._cuda
     print(f"upload: {st.nbytes / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s")
-    bw = copy_bandwidth()
+    bw = cuda_copy_bandwidth()
     print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     per_expert = sum(w.expert_nbytes() for w in (st.gate, st.up, st.down))
     rng = np.random.default_rng(1)

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["QWEN3_30B_A3B", "stream_bandwidth", "cuda_copy_bandwidth", "numpy_forward", "median_time", "bench_rows",
+__all__ = ["QWEN3_30B_A3B", "stream_bandwidth", "cuda_event_seconds", "cuda_copy_bandwidth", "numpy_forward", "median_time", "bench_rows",
            "markdown_table", "run_cli_bench"]
 
 #: The reference workload of SPEC §6: one Qwen3-30B-A3B MoE layer as Q4_K_M holds it.
@@ -60,21 +60,33 @@ def stream_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return a.nbytes / best
 
 
-def cuda_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Best-of-``reps`` GPU device-to-device copy bandwidth in bytes/s (read + write)."""
+def cuda_event_seconds(fn, reps: int, stream=0, inner: int = 1) -> float:
+    """Median device seconds of ``fn()`` between two CUDA events on ``stream``.
+
+    ``fn`` is timed ``reps`` times; with ``inner > 1`` it is assumed to run the
+    measured work ``inner`` times back to back, and the time is divided by it.
+    """
+    from numba import cuda
+
+    times = []
+    for _ in range(reps):
+        a, b = cuda.event(), cuda.event()
+        a.record(stream)
+        fn()
+        b.record(stream)
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / inner)
+    return float(np.median(times))
+
+
+def cuda_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """GPU device-to-device copy bandwidth in bytes/s (read + write), median of ``reps``."""
     from numba import cuda
 
     src = cuda.device_array(nbytes, dtype=np.uint8)
     dst = cuda.device_array(nbytes, dtype=np.uint8)
     dst.copy_to_device(src)
-    cuda.synchronize()
-    best = np.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_to_device(src)
-        cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+    return 2 * nbytes / cuda_event_seconds(lambda: dst.copy_to_device(src), reps)
 
 
 def numpy_forward(dense, layer, x):
