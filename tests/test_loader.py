@@ -8,6 +8,7 @@ import pytest
 
 import numba_moe as nm
 from numba_moe.errors import GGUFError, MoEError
+from numba_moe.gguf_io import GGUFFile, copy_metadata
 
 Q = gguf.GGMLQuantizationType
 
@@ -101,29 +102,16 @@ def test_unknown_arch_needs_explicit_norm(make_model):
 
 
 def _rewrite(src, dst, *, drop_tensor=None, drop_key=None, key_value=None, shape_of=None):
-    """Copy a GGUF file, dropping a tensor or key, or changing a key's value."""
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or name == drop_key:
-            continue
-        value = field.contents()
-        if key_value and name == key_value[0]:
-            value = key_value[1]
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_array(name, value)
-        elif isinstance(value, str):
-            w.add_string(name, value)
-        else:
-            w.add_key_value(name, value, vtype)
-    for t in r.tensors:
+    """Copy a GGUF file, dropping a tensor or key, changing a key's value, or
+    dropping the last expert row of tensor ``shape_of``."""
+    f = GGUFFile(src)
+    w = gguf.GGUFWriter(dst, f.arch)
+    copy_metadata(f, w, replace=dict([key_value]) if key_value else None,
+                  skip=(drop_key,) if drop_key else ())
+    for t in f.reader.tensors:
         if t.name == drop_tensor:
             continue
-        data = t.data
-        if shape_of and t.name == shape_of:
-            data = data[:-1]
+        data = t.data[:-1] if t.name == shape_of else t.data
         w.add_tensor(t.name, np.array(data), raw_dtype=t.tensor_type)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return dst
