@@ -26,6 +26,7 @@ import numba_moe as nm
 from numba_moe.config import override, parse_env
 from numba_moe.cpu import combine, grouped_down, grouped_gate_up, quantize_rows
 from numba_moe.errors import GGUFError, MoEError
+from numba_moe.gguf_io import GGUFFile, copy_metadata
 
 Q = gguf.GGMLQuantizationType
 E, K, H, I = 8, 2, 256, 256
@@ -601,15 +602,12 @@ def test_big_endian_file_is_refused(tmp_path):
 
 def _realigned(src, dst, alignment, pad):
     """``src`` rewritten with ``general.alignment`` and a ``pad``-byte key before the data."""
-    r = gguf.GGUFReader(src)
+    f = GGUFFile(src)
     w = gguf.GGUFWriter(str(dst), "qwen3moe")
     w.add_custom_alignment(alignment)
     w.add_string("pad", "x" * pad)
-    for name, field in r.fields.items():
-        if not name.startswith("GGUF.") and name not in ("general.architecture",
-                                                           "general.alignment"):
-            w.add_key_value(name, field.contents(), field.types[0])
-    for t in r.tensors:
+    copy_metadata(f, w)
+    for t in f.reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return str(dst)
