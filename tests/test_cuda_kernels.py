@@ -23,6 +23,7 @@ if cuda_backend.usable:
 
     from numba_moe.config import CUDA_LAUNCH
     from numba_moe.cuda import combine, expert_gemm, plan_device, topk_route
+    from numba_moe.cuda.actquant import launch_quantize, quantize_reference, quantized_sizes
     from numba_moe.cuda.plan import empty_plan
 
 
@@ -143,6 +144,54 @@ def test_plan_rejects_bad_ids():
         plan_device(np.array([[0, 1]], np.int32), 4, 12)
 
 
+# ------------------------------------------------------------ activation codes
+
+def _quantize(x):
+    nq, na = quantized_sizes(x.size)
+    xq = cuda.to_device(np.full(nq, 0xDEADBEEF, np.uint32))
+    xa = _poison(na, np.float32)
+    launch_quantize(cuda.to_device(x), x.size, xq, xa, 0)
+    cuda.synchronize()
+    return xq.copy_to_host(), xa.copy_to_host()
+
+
+def _codes_of(xq):
+    """int32 codes 256 * hi + lo from the two byte planes of every group."""
+    planes = xq.reshape(-1, 2, 4).view(np.int8).reshape(-1, 2, 16).astype(np.int32)
+    return (256 * planes[:, 0] + planes[:, 1]).reshape(-1)
+
+
+def test_activation_codes_match_reference():
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(8 * 16) * rng.uniform(0.01, 100, 8).repeat(16)).astype(np.float32)
+    x[16:32] = 0  # an all-zero group: zero codes, zero scale
+    xq, xa = _quantize(x)
+    q_ref, d_ref = quantize_reference(x)
+    np.testing.assert_array_equal(_codes_of(xq), q_ref)
+    xa = xa.reshape(-1, 8)
+    np.testing.assert_array_equal(xa[:, 0], d_ref)
+    g = x.reshape(-1, 16).astype(np.float64)
+    np.testing.assert_allclose(xa[:, 1], g[:, :8].sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xa[:, 2], g[:, 8:].sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xa[:, 3], g.sum(1), rtol=1e-5, atol=1e-5)
+    q = q_ref.reshape(-1, 16)
+    np.testing.assert_array_equal(xa[:, 4:7], np.stack(
+        [q[:, :8].sum(1), q[:, 8:].sum(1), q.sum(1)], axis=1))
+    err = np.abs(xa[:, 0].repeat(16) * _codes_of(xq) - x).reshape(-1, 16).max(1)
+    assert (err <= 0.5 * d_ref * (1 + 1e-6) + 1e-30).all()
+
+
+def test_activation_codes_non_finite_group():
+    x = np.random.default_rng(12).standard_normal(48).astype(np.float32)
+    x[3] = np.nan
+    x[20] = np.inf
+    xq, xa = _quantize(x)
+    xa = xa.reshape(-1, 8)
+    assert np.isnan(xa[0, 0]) and np.isinf(xa[1, 0]) and np.isfinite(xa[2, 0])
+    assert (_codes_of(xq)[:32] == 0).all()
+    np.testing.assert_array_equal(_codes_of(xq)[32:], quantize_reference(x[32:])[0])
+
+
 # ------------------------------------------------------------------ GEMMs
 
 def _random_tensor(qtype, e, rows, cols, rng, name):
@@ -181,6 +230,14 @@ def _gemm_reference(g, u, x, ids):
     return ref
 
 
+# The GEMV over quantized weights reads the activations as 16-bit codes
+# (numba_moe.cuda.actquant: each within 1.5e-5 of its group's largest value),
+# 0.6e-5 to 4.4e-5 of relative error on these outputs (the issue's bound for
+# float math is 1e-4); float arithmetic elsewhere.
+CODES_TOL = 1e-4
+FLOAT_TOL = 1e-5
+
+
 def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed, nt=None):
     rng = np.random.default_rng(seed)
     g = _random_tensor(qtype, e, rows, cols, rng, "gate")
@@ -190,7 +247,8 @@ def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed, nt=None):
     out = _poison((t * k, rows), np.float32)
     got = expert_gemm(g, x, ids, up=u, kernel=kernel, out=out, tokens_per_pass=nt).copy_to_host()
     assert not np.isnan(got).any()
-    assert _rel(got, _gemm_reference(g, u, x, ids)) < 1e-5
+    codes = kernel == "gemv" and qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+    assert _rel(got, _gemm_reference(g, u, x, ids)) < (CODES_TOL if codes else FLOAT_TOL)
 
 
 # (qtype, kernel, gate_up, GEMV tokens per pass: None = the forward's pick)

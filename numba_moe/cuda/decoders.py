@@ -18,7 +18,10 @@ Per type there are three device functions:
 * ``affine(raw, chunk, ab, abo)``: the ``a_s``, ``b_s`` of every segment;
 * ``values4(raw, chunk, v, s) -> (q0, q1, q2, q3)``: the integers of
   values ``4v .. 4v+3`` of segment ``s`` as float32 (``v``, ``s`` become
-  constants once the kernels' loops are unrolled).
+  constants once the kernels' loops are unrolled);
+* ``codes4(raw, chunk, v, s) -> word``: the same four integers as the
+  signed bytes of one 32-bit word (byte ``i`` = value ``4v + i``), for the
+  ``dp4a`` GEMV (:mod:`.qgemv`); quantized types only.
 
 ``unpack`` and ``decode`` (fetch + unpack) fill a whole chunk into a local
 array ``q`` for the tiled kernel; the GEMV kernel dequantizes four values at
@@ -26,7 +29,7 @@ a time, right before it uses them, to keep few registers live.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import gguf
 from numba import float32, int32, uint32
@@ -52,6 +55,15 @@ class QInfo(NamedTuple):
         Values per storage block (``nb = cols // block_values``).
     fetch, affine, values4, unpack, decode, seg_col : CUDA device functions
         See the module docstring.
+    codes4 : CUDA device function or None
+        See the module docstring; None for dense float32 weights.
+    codes_center : int
+        The middle of the code range (8 for Q4_K's 0..15, 32 for Q6_K, 0 for
+        signed Q8_0): the GEMV multiplies the activations by ``q - center``
+        (smaller products, so less of the activations' rounding) and the
+        offset becomes ``b_s - center * a_s``.
+    codes_offset : bool
+        Whether that offset can be nonzero (Q6_K's ``b_s = 32 a_s`` cancels).
     has_offset : bool
         Whether the ``b_s`` terms can be nonzero (the GEMV kernel then also
         sums the activations of each segment).
@@ -68,6 +80,9 @@ class QInfo(NamedTuple):
     decode: Callable
     seg_col: Callable
     has_offset: bool
+    codes4: Optional[Callable]
+    codes_center: int
+    codes_offset: bool
 
 
 # Small integers become float32 without the quarter-rate integer-to-float
@@ -79,6 +94,10 @@ _TWO23 = float32(8388608.0)
 _TWO23_128 = float32(8388736.0)
 _U4 = uint32(0xF)
 _U8 = uint32(0xFF)
+# the same masks in every byte of a word
+_B4 = uint32(0x0F0F0F0F)
+_B2 = uint32(0x03030303)
+_B1 = uint32(0x01010101)
 
 
 @device_inline
@@ -190,6 +209,12 @@ def q4k_values4(raw, chunk, v, s):
 
 
 @device_inline
+def q4k_codes4(raw, chunk, v, s):
+    h0, h1, h2, h3, w0, w1, w2, w3 = raw
+    return (_pick4(v, w0, w1, w2, w3) >> uint32(4 * s)) & _B4
+
+
+@device_inline
 def q5k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
     c = chunk & 7
@@ -220,6 +245,15 @@ def q5k_values4(raw, chunk, v, s):
                    | (((e >> (bit + uint32(16))) & one) << uint32(4))),
             _small(((w >> (sh + uint32(24))) & _U4)
                    | (((e >> (bit + uint32(24))) & one) << uint32(4))))
+
+
+@device_inline
+def q5k_codes4(raw, chunk, v, s):
+    h0, h1, h2, h3, w0, w1, w2, w3, e0, e1, e2, e3 = raw
+    w = _pick4(v, w0, w1, w2, w3)
+    e = _pick4(v, e0, e1, e2, e3)
+    bit = uint32(2 * ((chunk & 7) >> 1) + s)
+    return ((w >> uint32(4 * s)) & _B4) | (((e >> bit) & _B1) << uint32(4))
 
 
 @device_inline
@@ -298,6 +332,16 @@ def q6k_values4(raw, chunk, v, s):
 
 
 @device_inline
+def q6k_codes4(raw, chunk, v, s):
+    l0, l1, u0, u1, e0, e1, s0, s1, d = raw
+    lw = l0 if v == 0 else l1
+    uw = u0 if v == 0 else u1
+    h = e0 if v == 0 else e1
+    w = lw if (s & 1) == 0 else uw
+    return ((w >> uint32(4 * (s >> 1))) & _B4) | (((h >> uint32(2 * s)) & _B2) << uint32(4))
+
+
+@device_inline
 def q6k_seg_col(chunk, s):
     c = chunk & 7
     return (chunk >> 3) * 256 + (c >> 2) * 128 + (c & 3) * 8 + s * 32
@@ -333,6 +377,12 @@ def q80_values4(raw, chunk, v, s):
     w = _pick4(v, w0, w1, w2, w3) if s == 0 else _pick4(v, w4, w5, w6, w7)
     return (_sbyte_f(w, uint32(0)), _sbyte_f(w, uint32(8)), _sbyte_f(w, uint32(16)),
             _sbyte_f(w, uint32(24)))
+
+
+@device_inline
+def q80_codes4(raw, chunk, v, s):
+    w0, w1, w2, w3, w4, w5, w6, w7, d = raw
+    return _pick4(v, w0, w1, w2, w3) if s == 0 else _pick4(v, w4, w5, w6, w7)
 
 
 # ----------------------------------------------------------------------- F32
@@ -389,17 +439,23 @@ def _decoder(fetch, unpack):
     return decode
 
 
-def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset):
+def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset,
+          codes4=None, codes_center=0, codes_offset=False):
     unpack = _unpacker(affine, values4, nseg, seglen)
     return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
-                 _decoder(fetch, unpack), seg_col, has_offset)
+                 _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center,
+                 codes_offset)
 
 
 #: Decoder table, by the type the device arrays hold.
 QINFO = {
-    Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col, True),
-    Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True),
-    Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True),
-    Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False),
+    Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col, True,
+                  q4k_codes4, 8, True),
+    Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True,
+                  q5k_codes4, 16, True),
+    Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True,
+                  q6k_codes4, 32),
+    Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False,
+                  q80_codes4),
     F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),
 }

@@ -31,11 +31,12 @@ from .. import profile
 from ..config import CUDA_LAUNCH, get_config
 from ..errors import MoEError
 from ..routing import _check_params
+from .actquant import launch_quantize, quantized_sizes
 from .arrays import device_view, is_device_array
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
 from .graph import CapturedGraph
 from .gemm import tokens_per_pass
-from .matmul import launch_expert_gemm
+from .matmul import launch_expert_gemm, uses_codes
 from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_capacity
 from .primitives import SIMULATOR, next_pow2
 from .routing import MAX_TOP_K, launch_topk
@@ -124,6 +125,11 @@ class _Buffers:
         e, k, h, i = st.num_experts, st.top_k, st.hidden, st.inter
         p = cap * k
         f32 = lambda n: cuda.device_array(max(n, 1), np.float32, stream=stream)  # noqa: E731
+
+        def codes(n):
+            nq, na = quantized_sizes(n)
+            return (cuda.device_array(max(nq, 1), np.uint32, stream=stream), f32(na))
+
         self.cap = cap
         self.x = f32(cap * h)
         self.out = f32(cap * h)
@@ -134,11 +140,16 @@ class _Buffers:
         self.ident = _identity_plan(cap, st.block_size, stream)
         self.act = f32(p * i)
         self.rows = f32(p * h)
+        # the GEMV's activation codes (.actquant) of x, act and sh_act
+        self.x_codes = codes(cap * h)
+        self.act_codes = codes(p * i)
         if st.shared is not None:
             self.sh_act = f32(cap * st.shared[0].rows)
             self.sh_rows = f32(cap * h)
+            self.sh_act_codes = codes(cap * st.shared[0].rows)
         else:
             self.sh_act = self.sh_rows = self.out
+            self.sh_act_codes = None
 
 
 class CudaMoE:
@@ -298,20 +309,29 @@ class CudaMoE:
         def plan():
             launch_plan(b.ids, p, k, e, self.block_size, b.plan, plan_threads, s)
 
+        sh_codes = self.shared is not None and uses_codes(self.shared[0], shared_small)
+
         def gemm1():
+            # x's codes serve the shared expert's gate/up too
+            if uses_codes(self.gate, small) or sh_codes:
+                launch_quantize(b.x, n_tok * self.hidden, *b.x_codes, s)
             self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small,
-                       routed_splits, nt)
+                       routed_splits, nt, b.x_codes)
 
         def gemm2():
+            if uses_codes(self.down, small):
+                launch_quantize(b.act, p * self.inter, *b.act_codes, s)
             self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small,
-                       routed_splits, nt)
+                       routed_splits, nt, b.act_codes)
 
         def shared():
             sg, su, sd = self.shared
             self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, shared_small,
-                       splits, nt_tok)
+                       splits, nt_tok, b.x_codes)
+            if uses_codes(sd, shared_small):
+                launch_quantize(b.sh_act, n_tok * sg.rows, *b.sh_act_codes, s)
             self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows,
-                       shared_small, splits, nt_tok)
+                       shared_small, splits, nt_tok, b.sh_act_codes)
 
         def combine():
             launch_combine(b.rows, b.plan.pairs_by_token, b.weights, n_tok, k, self.hidden,
@@ -326,6 +346,6 @@ class CudaMoE:
 
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
               num_pairs: int, top_k: int, out, small: bool, splits: int = 1,
-              nt: int = 1) -> None:
+              nt: int = 1, codes=None) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
-                           small, self.stream, splits, nt)
+                           small, self.stream, splits, nt, codes)

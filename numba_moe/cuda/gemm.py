@@ -29,12 +29,10 @@ shared loads.  Plain FMA (SIMT) arithmetic in float32.
 """
 from __future__ import annotations
 
-import math
-
 from numba import cuda, float32, int32, int64
 
 from .decoders import QInfo
-from .primitives import device_inline, load4, seg_sum, shared_load4
+from .primitives import load4, seg_sum, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
 __all__ = ["MAX_TOKENS_PER_PASS", "tokens_per_pass", "gemv_kernel", "gemv_layout",
@@ -52,13 +50,6 @@ MICRO_M = 8
 MICRO_N = 4
 
 _cache = {}
-# exp(80) is finite in float32; below -80, silu(g) is 0 to float32 precision
-_EXP_CLAMP = float32(80)
-
-
-@device_inline
-def _silu(g):
-    return g / (float32(1) + math.exp(min(-g, _EXP_CLAMP)))
 
 
 def tokens_per_pass(mean_tokens: float) -> int:
@@ -218,7 +209,7 @@ def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
     src = _gemv_source(qi.nseg, qi.seglen, gate_up, nt, qi.has_offset)
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, fetch=qi.fetch,
               affine=qi.affine, values4=qi.values4, seg_col=qi.seg_col, load4=load4,
-              shared_load4=shared_load4, seg_sum=seg_sum, silu=_silu)
+              shared_load4=shared_load4, seg_sum=seg_sum, silu=silu)
     exec(compile(src, f"<gemv {qi.qtype.name} gate_up={gate_up} nt={nt}>", "exec"), ns)
     return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
 
@@ -406,7 +397,7 @@ def _make_tiled(qi: QInfo, gate_up: bool, bm: int, bn: int):
     src = _tiled_source(bm, bn, gate_up)
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, decode=qi.decode,
               seg_col=qi.seg_col, nseg=qi.nseg, seglen=qi.seglen, load4=load4,
-              shared_load4=shared_load4, silu=_silu)
+              shared_load4=shared_load4, silu=silu)
     exec(compile(src, f"<tiled {qi.qtype.name} gate_up={gate_up} {bm}x{bn}>", "exec"), ns)
     return cuda.jit(ns["kernel"])
 

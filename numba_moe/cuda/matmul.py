@@ -7,17 +7,25 @@ from numba import cuda
 from ..config import CUDA_LAUNCH
 from ..errors import MoEError
 from ..experts import ExpertTensor
+from .actquant import launch_quantize, quantized_sizes
 from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
 from .gemm import tokens_per_pass as tokens_per_pass_for
 from .plan import DevicePlan, plan_capacity, plan_device
+from .qgemv import qgemv_kernel
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
-__all__ = ["launch_expert_gemm", "expert_gemm"]
+__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes"]
+
+
+def uses_codes(w: DeviceWeights, small: bool) -> bool:
+    """Whether :func:`launch_expert_gemm` reads the activations as codes
+    (:mod:`.actquant`): the GEMV over quantized weights."""
+    return small and w.info.codes4 is not None
 
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
-                       stream, token_splits: int = 1, nt: int = 1) -> None:
+                       stream, token_splits: int = 1, nt: int = 1, codes=None) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -41,14 +49,23 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         GEMV only: blocks sharing one expert's token list (``gridDim.z``).
     nt : int
         GEMV only: tokens per pass (1 to ``MAX_TOKENS_PER_PASS``).
+    codes : (xq, xa) device arrays, optional
+        ``x`` as codes (:func:`~numba_moe.cuda.actquant.launch_quantize`);
+        required when :func:`uses_codes`, else unused.
     """
     gate_up = v is not None
     vplanes = v.planes if gate_up else w.planes
     if small:
-        kern = gemv_kernel(w.info, gate_up, nt)
         segw, warps, row_blocks, tile, shared = gemv_layout(
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
             CUDA_LAUNCH.gemv_shared_bytes, token_splits)
+    if uses_codes(w, small):
+        kern = qgemv_kernel(w.info, gate_up, nt)
+        kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
+            *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, *codes, num_pairs,
+            plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
+    elif small:
+        kern = gemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream, shared](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, segw.bit_length() - 1, tile, x,
             num_pairs,
@@ -127,6 +144,13 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
     if p:
         m_blocks = plan_capacity(p, w.num_experts, CUDA_LAUNCH.tile_m)[1]
         nt = tokens_per_pass or tokens_per_pass_for(p / min(w.num_experts, p))
-        launch_expert_gemm(w, v, d_x.reshape(d_x.size), plan, min(w.num_experts, p), m_blocks,
-                           p, top_k, out.reshape(out.size), kernel == "gemv", stream, 2, nt)
+        flat = d_x.reshape(d_x.size)
+        codes = None
+        if uses_codes(w, kernel == "gemv"):
+            nq, na = quantized_sizes(d_x.size)
+            codes = (cuda.device_array(nq, np.uint32, stream=stream),
+                     cuda.device_array(na, np.float32, stream=stream))
+            launch_quantize(flat, d_x.size, *codes, stream)
+        launch_expert_gemm(w, v, flat, plan, min(w.num_experts, p), m_blocks, p, top_k,
+                           out.reshape(out.size), kernel == "gemv", stream, 2, nt, codes)
     return out

@@ -20,7 +20,7 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
-           "block_exclusive_scan", "next_pow2"]
+           "dp4a", "silu", "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -42,6 +42,16 @@ def device_inline(fn):
     if SIMULATOR:
         return fn
     return cuda.jit(device=True, forceinline=True)(fn)
+
+
+# exp(80) is finite in float32; below -80, silu(g) is 0 to float32 precision
+_EXP_CLAMP = float32(80)
+
+
+@device_inline
+def silu(g):
+    """``g * sigmoid(g)`` in float32, without overflow for large ``-g``."""
+    return g / (float32(1) + math.exp(min(-g, _EXP_CLAMP)))
 
 
 def kernel(**options):
@@ -162,6 +172,31 @@ if not SIMULATOR:
 
         return sig, codegen
 
+    def _as_i32(builder, v):
+        if v.type.width > 32:
+            return builder.trunc(v, ir.IntType(32))
+        if v.type.width < 32:
+            return builder.zext(v, ir.IntType(32))
+        return v
+
+    @intrinsic
+    def dp4a(typingctx, a, b, c):
+        """``c + sum(a.byte[i] * b.byte[i])`` over the four signed bytes of the
+        32-bit words ``a`` and ``b`` (``dp4a.s32.s32``), as int32.
+
+        Wider integer arguments are truncated to their low 32 bits.
+        """
+        if not all(isinstance(t, types.Integer) for t in (a, b, c)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(i32, [i32] * 3)
+            asm = ir.InlineAsm(fnty, "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r")
+            return builder.call(asm, [_as_i32(builder, v) for v in args])
+
+        return types.int32(a, b, c), codegen
+
     @device_inline
     def seg_sum(v, width):
         """Sum of ``v`` over each aligned group of ``width`` lanes (a power of
@@ -214,6 +249,11 @@ else:
         return arr[i], arr[i + 1]
 
     shared_load4 = load4
+
+    def dp4a(a, b, c):
+        bytes_a = np.array([int(a) & _FULL], np.uint32).view(np.int8).astype(np.int64)
+        bytes_b = np.array([int(b) & _FULL], np.uint32).view(np.int8).astype(np.int64)
+        return np.int32(np.int64(c) + bytes_a @ bytes_b)
 
     def as_f32(u):
         return np.uint32(u).view(np.float32)

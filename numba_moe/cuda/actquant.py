@@ -1,0 +1,135 @@
+"""Activation rows as 16-bit integer codes, for the ``dp4a`` GEMV (:mod:`.qgemv`).
+
+The GEMV multiplies small integer weight codes with integer activation codes
+four at a time (``dp4a``: four signed byte products and a sum in one
+instruction), which is what keeps a decode step memory-bound instead of
+bound by unpacking.  Eight-bit activations would cost about 1e-2 of
+relative error; so each activation gets a 16-bit code split over two
+signed bytes, and the GEMV runs ``dp4a`` twice (``256 * hi + lo``).
+
+Every 16 consecutive columns (a *group*; the weight segments of every
+quantized type lie inside one group) share a scale::
+
+    d = max|x[16g : 16g + 16]| / 32639
+    q = rint(x / d)                    in [-32639, 32639]
+    q = 256 * hi + lo                  hi, lo signed bytes, lo in [-128, 127]
+
+so ``|x - d q| <= d / 2``: about 1.5e-5 of the group's largest value.
+Group ``g`` of a row is stored as::
+
+    xq uint32 [8]:   words 0..3  hi bytes of columns 16g + 4w + i (byte i of word w)
+                     words 4..7  lo bytes, same order
+    xa float32 [8]:  d, sum(x[16g:16g+8]), sum(x[16g+8:16g+16]), sum(x[16g:16g+16]),
+                     the same three sums of the codes q (exact: |sum| < 2**24), 0
+
+The sums of the float32 activations serve the weights' offsets (``sum((a
+q_w - b) x) = a sum(q_w x) - b sum(x)``), the sums of the codes the
+centring of the weight codes (``sum((q_w - c) q) = sum(q_w q) - c sum(q)``).  A group with a
+NaN or infinite value gets all-zero codes and ``d = max|x|`` (NaN or inf),
+so the rows it touches come out non-finite, as the float path would.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32, int64, uint32
+
+from .primitives import load4
+
+__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "launch_quantize", "quantize_reference"]
+
+#: Columns per activation group.
+GROUP = 16
+#: Largest code magnitude: 127 * 256 + 127, so that hi and lo are signed bytes.
+CODE_MAX = 32639
+_THREADS = 128
+
+
+def quantized_sizes(values: int):
+    """``(xq words, xa floats)`` of the quantized form of ``values``
+    activations (a multiple of :data:`GROUP`)."""
+    groups = values // GROUP
+    return groups * 8, groups * 8
+
+
+@cuda.jit
+def _quantize_kernel(x, n_groups, xq, xa):
+    """Thread ``i`` quantizes group ``i`` of the flat ``x``."""
+    i = cuda.grid(1)
+    if i >= n_groups:
+        return
+    base = int64(i) * 16
+    v = cuda.local.array(16, float32)
+    for k in range(4):
+        v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3] = load4(x, base + 4 * k)
+    amax = float32(0)
+    s_lo = float32(0)
+    s_hi = float32(0)
+    for k in range(8):
+        s_lo += v[k]
+        s_hi += v[8 + k]
+    for k in range(16):
+        a = abs(v[k])
+        # a NaN sticks: nothing compares greater than it
+        if a > amax or a != a:
+            amax = a
+    usable = amax > 0 and amax < math.inf
+    inv = float32(CODE_MAX) / amax if usable else float32(0)
+    c_lo = 0
+    c_hi = 0
+    for w in range(4):
+        hw = uint32(0)
+        lw = uint32(0)
+        for b in range(4):
+            q = int32(math.floor(v[4 * w + b] * inv + float32(0.5))) if usable else int32(0)
+            q = max(-CODE_MAX, min(CODE_MAX, q))
+            if w < 2:
+                c_lo += q
+            else:
+                c_hi += q
+            lo = ((q + 128) & 255) - 128
+            hi = (q - lo) >> 8
+            hw |= uint32(hi & 255) << uint32(8 * b)
+            lw |= uint32(lo & 255) << uint32(8 * b)
+        xq[8 * int64(i) + w] = hw
+        xq[8 * int64(i) + 4 + w] = lw
+    o = 8 * int64(i)
+    xa[o] = amax / float32(CODE_MAX) if usable else amax
+    xa[o + 1] = s_lo
+    xa[o + 2] = s_hi
+    xa[o + 3] = s_lo + s_hi
+    xa[o + 4] = float32(c_lo)
+    xa[o + 5] = float32(c_hi)
+    xa[o + 6] = float32(c_lo + c_hi)
+    xa[o + 7] = float32(0)
+
+
+def launch_quantize(x, values: int, xq, xa, stream) -> None:
+    """Quantize the first ``values`` activations of the flat device array
+    ``x`` (float32, a multiple of :data:`GROUP`, 16-byte aligned) into
+    ``xq`` (uint32) and ``xa`` (float32) of :func:`quantized_sizes`; no
+    checks, no allocation."""
+    n_groups = values // GROUP
+    if n_groups:
+        _quantize_kernel[-(-n_groups // _THREADS), _THREADS, stream](x, n_groups, xq, xa)
+
+
+def quantize_reference(x: np.ndarray):
+    """The codes of :func:`launch_quantize` in numpy (for tests).
+
+    Parameters
+    ----------
+    x : float32 [n * GROUP], finite
+
+    Returns
+    -------
+    (q int32 [n * GROUP], d float32 [n])
+        ``x ~= d[g] * q`` on group ``g``.
+    """
+    g = x.reshape(-1, GROUP)
+    amax = np.abs(g).max(axis=1)
+    inv = np.where(amax > 0, np.float32(CODE_MAX) / np.where(amax > 0, amax, 1), 0)
+    q = np.floor(g * inv[:, None].astype(np.float32) + np.float32(0.5)).astype(np.int32)
+    return np.clip(q, -CODE_MAX, CODE_MAX).reshape(-1), (amax / np.float32(CODE_MAX)).astype(
+        np.float32)

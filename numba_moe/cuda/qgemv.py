@@ -1,0 +1,181 @@
+"""Integer GEMV over quantized blocks: weight codes times activation codes with ``dp4a``.
+
+The decode-time GEMM of a quantized expert (few tokens per expert) reads
+each weight once; what limits it is the work per weight.  Unpacking every
+weight to float32 and multiplying in float costs about a dozen
+instructions per weight.  Here the weight codes stay bytes: a decoder's
+``codes4`` masks four of them into one word (one or two logic operations),
+and ``dp4a`` multiplies them with four activation codes and adds, so a
+weight costs about one instruction per token.
+
+The activations come as 16-bit codes in two byte planes (:mod:`.actquant`):
+per weight segment (``seglen`` columns sharing ``a_s``, ``b_s``; inside one
+activation group of scale ``d``) and token, ::
+
+    acc  = sum_i w_i * hi_i                  dp4a chain over the segment's words
+    acc  = (acc << 8) + sum_i w_i * lo_i     second chain, started from the first
+    dot += a_s * d * (acc - c * sum(q))  -  (b_s - c * a_s) * sum(x)
+
+over the segment (``c``: the type's ``codes_center``; the sums come with
+the codes).  Centring makes the products those of ``w - c`` (half the range
+of ``w``), which halves the error the activations' rounding causes.
+``acc`` fits int32: ``|w| <= 127``, ``|hi|, |lo| <= 128``, 16 values.
+
+Grid and lanes as the float GEMV of :mod:`.gemm`: grid ``(expert slot, row
+block, token split)``, a group of ``segw`` lanes owns a weight row (gate and
+up, or two consecutive rows), lane ``i`` of a group walks chunks ``i, i +
+segw, ...`` and uses each chunk for the ``nt`` tokens of a pass.  The
+activation codes are read straight from global memory (a few KiB a token,
+read by every row group: they stay in L1); the next chunk's weights are
+loaded before the current one is used, to keep loads in flight.
+"""
+from __future__ import annotations
+
+from numba import cuda, float32, int64
+
+from .decoders import QInfo
+from .gemm import GEMV_MAX_THREADS
+from .primitives import dp4a, load2, load4, seg_sum, silu
+from .primitives import kernel as kernel_jit
+
+__all__ = ["qgemv_kernel"]
+
+_cache = {}
+
+
+def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int):
+    """The integer GEMV kernel for quantized weights of type ``qi`` (``qi.codes4``
+    set), ``nt`` tokens a pass.
+
+    Signature::
+
+        kernel[(n_expert_slots, row_blocks, token_splits), 32 * warps, stream](
+            wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
+            xq, xa, num_slots, active, meta, offsets, packed_token_idx, out)
+
+    As :func:`numba_moe.cuda.gemm.gemv_kernel` (``segw``, ``warps``,
+    ``row_blocks`` from :func:`~numba_moe.cuda.gemm.gemv_layout`), with the
+    activations as ``xq`` uint32 / ``xa`` float32 of
+    :mod:`numba_moe.cuda.actquant` (rows of ``n_chunks * 32`` values) in
+    place of ``x``; no shared memory.
+    """
+    from ..config import CUDA_LAUNCH
+
+    key = (qi.qtype, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
+    if key not in _cache:
+        _cache[key] = _make(qi, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
+    return _cache[key]
+
+
+def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
+            has_offset: bool) -> str:
+    """Python source of the kernel, its segment / word / token loops written
+    out (as in :func:`numba_moe.cuda.gemm._gemv_source`: rolled, LLVM keeps
+    the decoders' word choices as run-time selects)."""
+    words = seglen // 4
+    load = "load4" if words == 4 else "load2"
+    toks = range(nt)
+    lines = []
+    emit = lines.append
+    second = "va, vb, vc, vd" if gate_up else "wa, wb, wc, wd"
+    emit(f"""
+def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
+           xq, xa, num_slots, active, meta, offsets, packed, out):
+    j = cuda.blockIdx.x
+    if j >= meta[0]:
+        return
+    e = active[j]
+    start = offsets[e]
+    end = min(offsets[e + 1], num_slots)
+    tid = cuda.threadIdx.x
+    lane = tid & 31
+    lis = lane & (segw - 1)
+    r0 = ((cuda.blockIdx.y * (cuda.blockDim.x >> 5) + (tid >> 5)) * (32 // segw)
+          + lane // segw) * {1 if gate_up else 2}
+    groups = n_chunks * 2
+    # rows past the end read the last row (valid memory) and write nothing
+    row0 = int64(e) * rows + min(r0, rows - 1)
+    row1 = {"row0" if gate_up else "int64(e) * rows + min(r0 + 1, rows - 1)"}
+    ab = cuda.local.array(16, float32)
+    for pa in range(start + cuda.blockIdx.z * {nt}, end, {nt} * cuda.gridDim.z):""")
+    for t in toks:
+        src = f"packed[min(pa + {t}, end - 1)]" if gate_up else f"min(pa + {t}, end - 1)"
+        emit(f"""        xg{t} = int64({src}) * groups
+        g{t} = float32(0)
+        u{t} = float32(0)""")
+    emit(f"""        c = lis
+        cn = min(c, n_chunks - 1)
+        nxt0 = fetch(wa, wb, wc, wd, row0, cn, nb)
+        nxt1 = fetch({second}, row1, cn, nb)
+        while c < n_chunks:
+            raw0 = nxt0
+            raw1 = nxt1
+            cn = min(c + segw, n_chunks - 1)
+            nxt0 = fetch(wa, wb, wc, wd, row0, cn, nb)
+            nxt1 = fetch({second}, row1, cn, nb)
+            affine(raw0, c, ab, 0)
+            affine(raw1, c, ab, 8)""")
+    ind = " " * 12
+    for sg in range(nseg):
+        emit(f"{ind}col = seg_col(c, {sg})")
+        emit(f"{ind}grp = col >> 4")
+        if words == 2:
+            emit(f"{ind}half = (col >> 3) & 1")
+        for v in range(words):
+            emit(f"{ind}p{v} = codes4(raw0, c, {v}, {sg})")
+            emit(f"{ind}q{v} = codes4(raw1, c, {v}, {sg})")
+        if has_offset:
+            emit(f"{ind}bg = ab[{4 + sg}] - float32({center}) * ab[{sg}]")
+            emit(f"{ind}bu = ab[{12 + sg}] - float32({center}) * ab[{8 + sg}]")
+        for t in toks:
+            base = f"(xg{t} + grp) * 8"
+            wo = base + (" + 2 * half" if words == 2 else "")
+            hs = ", ".join(f"h{v}" for v in range(words))
+            ls = ", ".join(f"l{v}" for v in range(words))
+            emit(f"{ind}{hs} = {load}(xq, {wo})")
+            emit(f"{ind}{ls} = {load}(xq, {wo} + 4)")
+            emit(f"{ind}d, s_lo, s_hi, s_all = load4(xa, {base})")
+            if center:
+                emit(f"{ind}c_lo, c_hi, c_all, _ = load4(xa, {base} + 4)")
+            for acc, w in (("ag", "p"), ("au", "q")):
+                emit(f"{ind}{acc} = dp4a({w}0, h0, 0)")
+                for v in range(1, words):
+                    emit(f"{ind}{acc} = dp4a({w}{v}, h{v}, {acc})")
+                emit(f"{ind}{acc} = dp4a({w}0, l0, {acc} << 8)")
+                for v in range(1, words):
+                    emit(f"{ind}{acc} = dp4a({w}{v}, l{v}, {acc})")
+            if center:
+                cs = "c_all" if words == 4 else "(c_lo if half == 0 else c_hi)"
+                emit(f"{ind}cs = float32({center}) * {cs}")
+                fg, fu = "(float32(ag) - cs)", "(float32(au) - cs)"
+            else:
+                fg, fu = "float32(ag)", "float32(au)"
+            emit(f"{ind}g{t} += (ab[{sg}] * d) * {fg}")
+            emit(f"{ind}u{t} += (ab[{8 + sg}] * d) * {fu}")
+            if has_offset:
+                xs = "s_all" if words == 4 else "(s_lo if half == 0 else s_hi)"
+                emit(f"{ind}xs = {xs}")
+                emit(f"{ind}g{t} -= bg * xs")
+                emit(f"{ind}u{t} -= bu * xs")
+    emit(f"{ind}c += segw")
+    for t in toks:
+        emit(f"""        g = seg_sum(g{t}, segw)
+        u = seg_sum(u{t}, segw)
+        slot = pa + {t}
+        if slot < end and lis == 0 and r0 < rows:""")
+        if gate_up:
+            emit("            out[slot * rows + r0] = silu(g) * u")
+        else:
+            emit("""            out[slot * rows + r0] = g
+            if r0 + 1 < rows:
+                out[slot * rows + r0 + 1] = u""")
+    return "\n".join(lines) + "\n"
+
+
+def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
+    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.codes_offset)
+    ns = dict(cuda=cuda, float32=float32, int64=int64, fetch=qi.fetch, affine=qi.affine,
+              codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2, dp4a=dp4a,
+              seg_sum=seg_sum, silu=silu)
+    exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt}>", "exec"), ns)
+    return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
