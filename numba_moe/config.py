@@ -14,6 +14,8 @@ variable                   meaning
                            forward path ``MoELayer.__call__`` takes
 ``NUMBA_MOE_CACHE_DIR``    where the embedded default model file is written
                            (default ``~/.cache/numba_moe``)
+``NUMBA_MOE_SIMD``         ``0`` keeps the CPU kernels portable on AVX-512
+                           hosts (:mod:`numba_moe.cpu.simd`; default ``1``)
 =========================  =================================================
 
 Launch sizes of the CUDA kernels live in :data:`CUDA_LAUNCH`, a mutable
@@ -43,6 +45,7 @@ class Config:
     profile: bool = False
     path: str = "fast"
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "numba_moe")
+    simd: bool = True
 
 
 def _warn(name: str, value: str, expected: str) -> None:
@@ -86,6 +89,12 @@ def parse_env(environ: Mapping[str, str]) -> Config:
             kw["path"] = raw
         else:
             _warn("NUMBA_MOE_PATH", raw, "'fast' or 'reference'")
+    raw = environ.get("NUMBA_MOE_SIMD")
+    if raw is not None and raw != "":
+        if raw in ("0", "1"):
+            kw["simd"] = raw == "1"
+        else:
+            _warn("NUMBA_MOE_SIMD", raw, "0 or 1")
     raw = environ.get("NUMBA_MOE_CACHE_DIR")
     if raw:
         kw["cache_dir"] = os.path.expanduser(raw)

@@ -92,6 +92,20 @@ def test_every_type_matches_float64(layer_of, types, num_tokens):
     assert rel_err(y, moe_forward_float64(layer, x)) <= tol
 
 
+@pytest.mark.parametrize("use_simd", [False, True], ids=["portable", "simd"])
+def test_one_token_portable_and_simd_paths(layer_of, use_simd):
+    """``NUMBA_MOE_SIMD=0`` keeps the portable kernels; on an AVX-512 host
+    the default takes the AVX-512 one-token dots (:mod:`numba_moe.cpu.simd`)."""
+    layer = layer_of("qwen3moe")
+    x = tokens(1, layer.hidden_size, seed=8)
+    with config.override(simd=use_simd):
+        poison(layer)
+        y = moe_forward(layer, x)
+    assert rel_err(y, moe_forward_float64(layer, x)) <= NATIVE_TOL
+    with config.override(simd=not use_simd):
+        assert rel_err(y, moe_forward(layer, x)) <= 1e-5
+
+
 def test_fused_gate_up_and_sigmoid_grouped_routing(layer_of):
     layer = layer_of("deepseek2", fused_gate_up=True, gating_func="sigmoid", n_group=4,
                      topk_group=2, weights_scale=2.5, norm_topk_prob=True)

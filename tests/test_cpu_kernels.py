@@ -7,9 +7,11 @@ relative error bound 5e-3 of the output's magnitude; dense types 1e-5.
 import gguf
 import numpy as np
 import pytest
+from numba import njit
 
 import numba_moe as nm
-from numba_moe.cpu import combine, grouped_down, grouped_gate_up, quantize_rows
+from numba_moe.config import override
+from numba_moe.cpu import combine, gemm, grouped_down, grouped_gate_up, quantize_rows, simd
 from numba_moe.cpu.schedule import max_items, schedule_items
 from numba_moe.errors import MoEError
 from numba_moe.experts import ExpertTensor
@@ -142,27 +144,59 @@ def test_grouped_down_matches_float64(qtype):
     assert rel_err(y, ref) <= tol
 
 
-def test_one_token_q4_k_from_blocks_matches_batched_path():
-    """One token: Q4_K rows are dotted straight from the blocks; same products as decode + dot."""
+SIMD_MODES = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not simd.AVAILABLE, reason="host without AVX-512"))]
+
+
+@pytest.mark.parametrize("use_simd", SIMD_MODES, ids=["portable", "avx512"])
+@pytest.mark.parametrize("down_type", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_one_token_from_blocks_matches_batched_path(use_simd, down_type):
+    """One token: rows are dotted straight from the blocks (Q4_K; Q6_K too
+    with AVX-512); same products as decode + dot."""
     E, I, H, K = 4, 256, 512, 2
     gate = make_tensor(Q.Q4_K, E, I, H, 13)
     up = make_tensor(Q.Q4_K, E, I, H, 14)
-    down = make_tensor(Q.Q4_K, E, H, I, 15)
+    down = make_tensor(down_type, E, H, I, 15)
     x = np.random.default_rng(16).standard_normal((2, H)).astype(np.float32)
     x[1] = x[0]
     one = make_plan(1, E, K, 17)
     two_off = np.asarray(one.expert_offsets) * 2
     two_tok = np.repeat(np.asarray(one.packed_token_idx[:K]), 2) + np.tile([0, 1], K).astype(np.int32)
-    h1 = grouped_gate_up(gate, up, x[:1], one.expert_offsets, one.packed_token_idx)
-    h2 = grouped_gate_up(gate, up, x, two_off, two_tok.astype(np.int32))
-    assert rel_err(h1, h2[::2]) <= 1e-5
-    e = int(np.flatnonzero(np.diff(one.expert_offsets))[0])
-    off1 = np.zeros(E + 1, np.int64)
-    off1[e + 1:] = 1
-    y1 = grouped_down(down, h1[:1], off1)
-    y2 = grouped_down(down, np.repeat(h1[:1], 2, axis=0), off1 * 2)
+    with override(simd=use_simd):
+        h1 = grouped_gate_up(gate, up, x[:1], one.expert_offsets, one.packed_token_idx)
+        h2 = grouped_gate_up(gate, up, x, two_off, two_tok.astype(np.int32))
+        assert rel_err(h1, h2[::2]) <= 1e-5
+        e = int(np.flatnonzero(np.diff(one.expert_offsets))[0])
+        off1 = np.zeros(E + 1, np.int64)
+        off1[e + 1:] = 1
+        y1 = grouped_down(down, h1[:1], off1)
+        y2 = grouped_down(down, np.repeat(h1[:1], 2, axis=0), off1 * 2)
     assert rel_err(y1, y2[:1]) <= 1e-5
     assert rel_err(y1, h1[:1].astype(np.float64) @ dense64(down)[e].T) <= NATIVE_TOL
+
+
+@pytest.mark.parametrize("qt", [gemm.QT_Q4_K, gemm.QT_Q6_K], ids=["Q4_K", "Q6_K"])
+def test_portable_specialization_never_types_the_avx512_intrinsics(qt):
+    """``simd=None`` prunes the AVX-512 branch at compile time (a CPU without
+    AVX-512 could not compile it); ``simd=True`` compiles it."""
+    tensor = make_tensor(Q.Q4_K if qt == gemm.QT_Q4_K else Q.Q6_K, 1, 2, 256, 18)
+    p = gemm.projection(tensor)
+    x = np.random.default_rng(19).standard_normal((1, 256)).astype(np.float32)
+    aq, ad, amb = quantize_rows(x)
+
+    @njit
+    def one_dot(simd):
+        return gemm._dot(qt, True, simd, p.q, p.q32, p.f, 0, 1, 256, aq, aq, ad, 0, aq, ad, amb,
+                         ad, 0)
+
+    one_dot(None)
+    ir = one_dot.inspect_llvm(one_dot.signatures[0])
+    assert "llvm.x86" not in ir
+    if simd.AVAILABLE:
+        one_dot(True)
+        assert "llvm.x86.avx512.pmaddw.d.512" in one_dot.inspect_llvm(one_dot.signatures[1])
+        if qt == gemm.QT_Q4_K:  # the portable path has no direct Q6_K form
+            assert abs(one_dot(True) - one_dot(None)) <= 1e-5 * abs(one_dot(None))
 
 
 def test_mixed_types_and_q8_0_partial_activation_block():

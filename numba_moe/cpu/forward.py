@@ -33,6 +33,7 @@ from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, combine_into
 from .gemm import _DECODE_WEIGHT, QT_DENSE, TILE_ROWS, _down_kernel, _gate_up_kernel
 from .logits import router_logits_into
 from .schedule import schedule_items
+from .simd import simd_flag
 from .workspace import workspace_for
 
 __all__ = ["moe_forward", "touched_expert_bytes"]
@@ -74,7 +75,7 @@ def _gemm1(ws, branch, offsets, tokens, x):
     xq, xd, xmb = ws.xq
     _gate_up_kernel(branch.items1, branch.bounds1, offsets, tokens, (g.qt, u.qt), (g.q, u.q),
                     (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x,
-                    branch.h, ws.w16, ws.dsc, ws.dmins, x.shape[0] == 1)
+                    branch.h, ws.w16, ws.dsc, ws.dmins, x.shape[0] == 1, simd_flag())
 
 
 def _act(branch, slots):
@@ -86,7 +87,8 @@ def _gemm2(ws, branch, offsets, single_token):
     d = branch.down
     hq, hd, hmb = branch.hq
     _down_kernel(branch.items2, branch.bounds2, offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols,
-                 hq, hd, hmb, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins, single_token)
+                 hq, hd, hmb, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins, single_token,
+                 simd_flag())
 
 
 def moe_forward(layer, x: np.ndarray) -> np.ndarray:
