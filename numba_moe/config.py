@@ -177,6 +177,15 @@ class CudaLaunch:
     gemv_min_warps : int
         GEMV grids with fewer warps (few rows: the router) spread each row
         over more lanes, up to a warp.
+    router_threads : int
+        Threads per block of the small-batch router kernel (one block per
+        router row, :mod:`numba_moe.cuda.router`).
+    router_block_max_tokens : int
+        Largest token count whose router runs on that kernel; above it the
+        GEMV (up to ``router_gemv_max_tokens``) or the tiled kernel.
+    route_threads : int
+        Most threads of the one-block routing + plan kernel of small batches
+        (:mod:`numba_moe.cuda.smallbatch`; a warp per token up to it).
     """
 
     threads: int = 256
@@ -193,6 +202,9 @@ class CudaLaunch:
     gemv_shared_bytes: int = 32768
     gemv_single_warps: int = 8
     gemv_min_warps: int = 264
+    router_threads: int = 256
+    router_block_max_tokens: int = 64
+    route_threads: int = 1024
 
 
 #: The launch sizes every CUDA wrapper reads.

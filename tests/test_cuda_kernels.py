@@ -96,13 +96,22 @@ def test_topk_rejects_bad_input():
 
 # --------------------------------------------------------------------- plan
 
-def _check_plan(ids, n_exp, bs):
-    t, k = ids.shape
-    p = t * k
+def _poisoned_plan(p, n_exp, bs):
     out = empty_plan(p, n_exp, bs)
     for a in out:
         a.copy_to_device(np.full(a.shape, -7, np.int32))
-    got = plan_device(ids, n_exp, bs, out=out)
+    return out
+
+
+def _check_plan(ids, n_exp, bs):
+    t, k = ids.shape
+    got = plan_device(ids, n_exp, bs, out=_poisoned_plan(t * k, n_exp, bs))
+    _compare_plan(got, ids, n_exp, bs)
+
+
+def _compare_plan(got, ids, n_exp, bs):
+    t, k = ids.shape
+    p = t * k
     ref = nm.BucketPlan.build(ids, np.ones(ids.shape, np.float32), n_exp)
     np.testing.assert_array_equal(got.offsets.copy_to_host(), ref.expert_offsets)
     np.testing.assert_array_equal(got.packed_token_idx.copy_to_host()[:p], ref.packed_token_idx)
@@ -137,6 +146,58 @@ def test_plan_large_matches_cpu(t):
     _check_plan(ids, 128, 64)
 
 
+@pytest.mark.parametrize("opts", ROUTINGS)
+def test_route_plan_one_block_matches_cpu(opts):
+    # 5 tokens (several rounds of the block's warps), 3 of 16 experts each
+    # (some experts empty, pairs not a multiple of the block), codes of x
+    from numba_moe.cuda.smallbatch import launch_route_plan
+    from numba_moe.routing import _check_params
+
+    rng = np.random.default_rng(len(str(opts)))
+    t, e, k, h, bs = 5, 16, 3, 64, 8
+    opts = dict(opts)
+    bias = rng.standard_normal(e).astype(np.float32) * 0.1 if opts.pop("bias", False) else None
+    logits = rng.standard_normal((t, e)).astype(np.float32)
+    ref = nm.route(logits, k, selection_bias=bias, **opts)
+    params = _check_params(e, k, opts.get("norm_topk_prob", True), opts.get("gating", "softmax"),
+                           bias, opts.get("n_group", 1), opts.get("topk_group", 1),
+                           opts.get("scale", 1.0))
+    bias_dev = cuda.to_device(bias if bias is not None else np.zeros(1, np.float32))
+    ids, weights = _poison(t * k, np.int32), _poison(t * k, np.float32)
+    plan = _poisoned_plan(t * k, e, bs)
+    x = rng.standard_normal(t * h).astype(np.float32)
+    nq, na = quantized_sizes(x.size)
+    xq = cuda.to_device(np.full(nq, 0xDEADBEEF, np.uint32))
+    xa = _poison(na, np.float32)
+    launch_route_plan(cuda.to_device(logits.ravel()), e, t, e, params, bias_dev, ids, weights,
+                      bs, plan, cuda.to_device(x), x.size // 16, xq, xa, 0)
+    cuda.synchronize()
+    np.testing.assert_array_equal(ids.copy_to_host().reshape(t, k), ref.expert_ids)
+    np.testing.assert_allclose(weights.copy_to_host().reshape(t, k), ref.expert_weights,
+                               rtol=1e-6, atol=0)
+    _compare_plan(plan, ref.expert_ids, e, bs)
+    np.testing.assert_array_equal(_codes_of(xq.copy_to_host()), quantize_reference(x)[0])
+    assert not np.isnan(xa.copy_to_host()).any()
+
+
+@pytest.mark.parametrize("t", [1, 11])
+def test_router_logits_match_reference(t):
+    # 11 tokens: two passes of 8; lstride 7 > 5 rows leaves a column unwritten
+    from numba_moe.cuda.router import launch_router
+
+    rng = np.random.default_rng(t)
+    rows, cols, lstride = 5, 96, 7
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((t, cols)).astype(np.float32)
+    logits = _poison(t * lstride, np.float32)
+    launch_router(cuda.to_device(w.ravel()), cuda.to_device(x.ravel()), t, rows, cols, lstride,
+                  logits, CUDA_LAUNCH.router_threads, 0)
+    got = logits.copy_to_host().reshape(t, lstride)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(got[:, :rows], ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[:, rows:]).all()
+
+
 def test_plan_rejects_bad_ids():
     with pytest.raises(MoEError, match="expert_ids"):
         plan_device(np.array([[0, 9]], np.int32), 4, 16)
@@ -168,15 +229,16 @@ def test_activation_codes_match_reference():
     xq, xa = _quantize(x)
     q_ref, d_ref = quantize_reference(x)
     np.testing.assert_array_equal(_codes_of(xq), q_ref)
-    xa = xa.reshape(-1, 8)
-    np.testing.assert_array_equal(xa[:, 0], d_ref)
+    xa = xa.reshape(-1, 3, 4)
+    for part in range(3):
+        np.testing.assert_array_equal(xa[:, part, 0], d_ref)
     g = x.reshape(-1, 16).astype(np.float64)
-    np.testing.assert_allclose(xa[:, 1], g[:, :8].sum(1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(xa[:, 2], g[:, 8:].sum(1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(xa[:, 3], g.sum(1), rtol=1e-5, atol=1e-5)
-    q = q_ref.reshape(-1, 16)
-    np.testing.assert_array_equal(xa[:, 4:7], np.stack(
-        [q[:, :8].sum(1), q[:, 8:].sum(1), q.sum(1)], axis=1))
+    rest = g - d_ref[:, None].astype(np.float64) * q_ref.reshape(-1, 16)
+    for part, cols in enumerate((slice(0, 16), slice(0, 8), slice(8, 16))):
+        np.testing.assert_allclose(xa[:, part, 1], g[:, cols].sum(1), rtol=1e-5, atol=1e-5)
+        # each x - d q is exact to float32 rounding of x: 16 ulps of max|x| = 0.06 d
+        assert (np.abs(xa[:, part, 2] - rest[:, cols].sum(1)) <= 0.1 * d_ref).all()
+    xa = xa.reshape(-1, 12)
     err = np.abs(xa[:, 0].repeat(16) * _codes_of(xq) - x).reshape(-1, 16).max(1)
     assert (err <= 0.5 * d_ref * (1 + 1e-6) + 1e-30).all()
 
@@ -186,7 +248,7 @@ def test_activation_codes_non_finite_group():
     x[3] = np.nan
     x[20] = np.inf
     xq, xa = _quantize(x)
-    xa = xa.reshape(-1, 8)
+    xa = xa.reshape(-1, 12)
     assert np.isnan(xa[0, 0]) and np.isinf(xa[1, 0]) and np.isfinite(xa[2, 0])
     assert (_codes_of(xq)[:32] == 0).all()
     np.testing.assert_array_equal(_codes_of(xq)[32:], quantize_reference(x[32:])[0])

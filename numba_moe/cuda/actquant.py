@@ -19,14 +19,19 @@ Group ``g`` of a row is stored as::
 
     xq uint32 [8]:   words 0..3  hi bytes of columns 16g + 4w + i (byte i of word w)
                      words 4..7  lo bytes, same order
-    xa float32 [8]:  d, sum(x[16g:16g+8]), sum(x[16g+8:16g+16]), sum(x[16g:16g+16]),
-                     the same three sums of the codes q (exact: |sum| < 2**24), 0
+    xa float32 [12]: d, s, r, 0  over the group's 16 columns, then over its
+                     first 8 columns, then over its last 8 (d repeated)
 
-The sums of the float32 activations serve the weights' offsets (``sum((a
-q_w - b) x) = a sum(q_w x) - b sum(x)``), the sums of the codes the
-centring of the weight codes (``sum((q_w - c) q) = sum(q_w q) - c sum(q)``).  A group with a
-NaN or infinite value gets all-zero codes and ``d = max|x|`` (NaN or inf),
-so the rows it touches come out non-finite, as the float path would.
+with ``s = sum(x)`` and ``r = sum(x - d q)`` (the rounding left in the
+codes).  ``s`` serves the weights' offsets (``sum((a w - b) x) = a sum(w x)
+- b s``); ``r`` lets the GEMV treat the weight codes as centred on ``c``,
+which halves the error of the integer products, at no integer cost::
+
+    sum(w x) ~ d sum(w q) + c r        (exact when the error is spread evenly)
+
+A group with a NaN or infinite value gets all-zero codes and ``d = max|x|``
+(NaN or inf), so the rows it touches come out non-finite, as the float path
+would.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from numba import cuda, float32, int32, int64, uint32
 
 from .primitives import load4
 
-__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "launch_quantize", "quantize_reference"]
+__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "quantize_group", "launch_quantize",
+           "quantize_reference"]
 
 #: Columns per activation group.
 GROUP = 16
@@ -50,25 +56,17 @@ def quantized_sizes(values: int):
     """``(xq words, xa floats)`` of the quantized form of ``values``
     activations (a multiple of :data:`GROUP`)."""
     groups = values // GROUP
-    return groups * 8, groups * 8
+    return groups * 8, groups * 12
 
 
-@cuda.jit
-def _quantize_kernel(x, n_groups, xq, xa):
-    """Thread ``i`` quantizes group ``i`` of the flat ``x``."""
-    i = cuda.grid(1)
-    if i >= n_groups:
-        return
+@cuda.jit(device=True)
+def quantize_group(x, i, xq, xa):
+    """Quantize group ``i`` of the flat ``x`` into ``xq``, ``xa`` (layout above)."""
     base = int64(i) * 16
     v = cuda.local.array(16, float32)
     for k in range(4):
         v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3] = load4(x, base + 4 * k)
     amax = float32(0)
-    s_lo = float32(0)
-    s_hi = float32(0)
-    for k in range(8):
-        s_lo += v[k]
-        s_hi += v[8 + k]
     for k in range(16):
         a = abs(v[k])
         # a NaN sticks: nothing compares greater than it
@@ -76,33 +74,52 @@ def _quantize_kernel(x, n_groups, xq, xa):
             amax = a
     usable = amax > 0 and amax < math.inf
     inv = float32(CODE_MAX) / amax if usable else float32(0)
-    c_lo = 0
-    c_hi = 0
+    d = amax / float32(CODE_MAX) if usable else amax
+    s_lo = float32(0)
+    s_hi = float32(0)
+    r_lo = float32(0)
+    r_hi = float32(0)
     for w in range(4):
         hw = uint32(0)
         lw = uint32(0)
         for b in range(4):
-            q = int32(math.floor(v[4 * w + b] * inv + float32(0.5))) if usable else int32(0)
+            xv = v[4 * w + b]
+            q = int32(math.floor(xv * inv + float32(0.5))) if usable else int32(0)
             q = max(-CODE_MAX, min(CODE_MAX, q))
-            if w < 2:
-                c_lo += q
-            else:
-                c_hi += q
             lo = ((q + 128) & 255) - 128
             hi = (q - lo) >> 8
             hw |= uint32(hi & 255) << uint32(8 * b)
             lw |= uint32(lo & 255) << uint32(8 * b)
+            r = xv - d * float32(q) if usable else float32(0)
+            if w < 2:
+                s_lo += xv
+                r_lo += r
+            else:
+                s_hi += xv
+                r_hi += r
         xq[8 * int64(i) + w] = hw
         xq[8 * int64(i) + 4 + w] = lw
-    o = 8 * int64(i)
-    xa[o] = amax / float32(CODE_MAX) if usable else amax
-    xa[o + 1] = s_lo
-    xa[o + 2] = s_hi
-    xa[o + 3] = s_lo + s_hi
-    xa[o + 4] = float32(c_lo)
-    xa[o + 5] = float32(c_hi)
-    xa[o + 6] = float32(c_lo + c_hi)
+    o = 12 * int64(i)
+    xa[o] = d
+    xa[o + 1] = s_lo + s_hi
+    xa[o + 2] = r_lo + r_hi
+    xa[o + 3] = float32(0)
+    xa[o + 4] = d
+    xa[o + 5] = s_lo
+    xa[o + 6] = r_lo
     xa[o + 7] = float32(0)
+    xa[o + 8] = d
+    xa[o + 9] = s_hi
+    xa[o + 10] = r_hi
+    xa[o + 11] = float32(0)
+
+
+@cuda.jit
+def _quantize_kernel(x, n_groups, xq, xa):
+    """Thread ``i`` quantizes group ``i`` of the flat ``x``."""
+    i = cuda.grid(1)
+    if i < n_groups:
+        quantize_group(x, i, xq, xa)
 
 
 def launch_quantize(x, values: int, xq, xa, stream) -> None:

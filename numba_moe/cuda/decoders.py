@@ -59,11 +59,10 @@ class QInfo(NamedTuple):
         See the module docstring; None for dense float32 weights.
     codes_center : int
         The middle of the code range (8 for Q4_K's 0..15, 32 for Q6_K, 0 for
-        signed Q8_0): the GEMV multiplies the activations by ``q - center``
-        (smaller products, so less of the activations' rounding) and the
-        offset becomes ``b_s - center * a_s``.
+        signed Q8_0): the GEMV's rounding error is that of ``code - center``.
     codes_offset : bool
-        Whether that offset can be nonzero (Q6_K's ``b_s = 32 a_s`` cancels).
+        Whether the GEMV over codes needs the ``b_s`` terms (Q6_K's and
+        Q8_0's do not count: see :mod:`.qgemv`).
     has_offset : bool
         Whether the ``b_s`` terms can be nonzero (the GEMV kernel then also
         sums the activations of each segment).
@@ -454,7 +453,7 @@ QINFO = {
     Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True,
                   q5k_codes4, 16, True),
     Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True,
-                  q6k_codes4, 32),
+                  q6k_codes4, 32, True),
     Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False,
                   q80_codes4),
     F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),

@@ -39,7 +39,10 @@ from .gemm import tokens_per_pass
 from .matmul import launch_expert_gemm, uses_codes
 from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_capacity
 from .primitives import SIMULATOR, next_pow2
+from .router import launch_router
 from .routing import MAX_TOP_K, launch_topk
+from .smallbatch import fits as fits_one_block
+from .smallbatch import launch_route_plan
 from .weights import upload_dense, upload_gate_up, upload_weights
 
 __all__ = ["CudaMoE", "upload", "moe_forward_cuda"]
@@ -299,8 +302,22 @@ class CudaMoE:
                            max(32, next_pow2(max(e, -(-p // PAIRS_PER_THREAD)))))
 
         def router():
+            if n_tok <= CUDA_LAUNCH.router_block_max_tokens:
+                w = self.router
+                launch_router(w.planes[0], b.x, n_tok, w.rows, w.cols, self.lstride, b.logits,
+                              CUDA_LAUNCH.router_threads, s)
+                return
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
                        router_small, splits, nt_tok)
+
+        sh_codes = self.shared is not None and uses_codes(self.shared[0], shared_small)
+        x_codes = uses_codes(self.gate, small) or sh_codes
+        one_block = fits_one_block(p, e)
+
+        def route_plan():
+            groups = n_tok * self.hidden // 16 if x_codes else 0
+            launch_route_plan(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
+                              b.weights, self.block_size, b.plan, b.x, groups, *b.x_codes, s)
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
@@ -309,11 +326,9 @@ class CudaMoE:
         def plan():
             launch_plan(b.ids, p, k, e, self.block_size, b.plan, plan_threads, s)
 
-        sh_codes = self.shared is not None and uses_codes(self.shared[0], shared_small)
-
         def gemm1():
             # x's codes serve the shared expert's gate/up too
-            if uses_codes(self.gate, small) or sh_codes:
+            if x_codes and not one_block:
                 launch_quantize(b.x, n_tok * self.hidden, *b.x_codes, s)
             self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small,
                        routed_splits, nt, b.x_codes)
@@ -338,8 +353,9 @@ class CudaMoE:
                            self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
                            CUDA_LAUNCH.threads, s)
 
-        out = [("router", router), ("route", topk), ("plan", plan), ("gemm1", gemm1),
-               ("gemm2", gemm2)]
+        out = [("router", router)]
+        out += [("route+plan", route_plan)] if one_block else [("route", topk), ("plan", plan)]
+        out += [("gemm1", gemm1), ("gemm2", gemm2)]
         if self.shared is not None:
             out.append(("shared", shared))
         return out + [("combine", combine)]

@@ -14,12 +14,12 @@ activation group of scale ``d``) and token, ::
 
     acc  = sum_i w_i * hi_i                  dp4a chain over the segment's words
     acc  = (acc << 8) + sum_i w_i * lo_i     second chain, started from the first
-    dot += a_s * d * (acc - c * sum(q))  -  (b_s - c * a_s) * sum(x)
+    dot += a_s * (d * acc + c * r)  -  b_s * s
 
-over the segment (``c``: the type's ``codes_center``; the sums come with
-the codes).  Centring makes the products those of ``w - c`` (half the range
-of ``w``), which halves the error the activations' rounding causes.
-``acc`` fits int32: ``|w| <= 127``, ``|hi|, |lo| <= 128``, 16 values.
+with ``d``, ``s``, ``r`` of the segment's columns (one 16-byte load, see
+:mod:`.actquant`) and ``c`` the type's ``codes_center``: the error is then
+that of codes ``w - c``, half the range of ``w``.  ``acc`` fits int32:
+``|w| <= 127``, ``|hi|, |lo| <= 128``, 16 values.
 
 Grid and lanes as the float GEMV of :mod:`.gemm`: grid ``(expert slot, row
 block, token split)``, a group of ``segw`` lanes owns a weight row (gate and
@@ -124,9 +124,6 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
         for v in range(words):
             emit(f"{ind}p{v} = codes4(raw0, c, {v}, {sg})")
             emit(f"{ind}q{v} = codes4(raw1, c, {v}, {sg})")
-        if has_offset:
-            emit(f"{ind}bg = ab[{4 + sg}] - float32({center}) * ab[{sg}]")
-            emit(f"{ind}bu = ab[{12 + sg}] - float32({center}) * ab[{8 + sg}]")
         for t in toks:
             base = f"(xg{t} + grp) * 8"
             wo = base + (" + 2 * half" if words == 2 else "")
@@ -134,9 +131,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
             ls = ", ".join(f"l{v}" for v in range(words))
             emit(f"{ind}{hs} = {load}(xq, {wo})")
             emit(f"{ind}{ls} = {load}(xq, {wo} + 4)")
-            emit(f"{ind}d, s_lo, s_hi, s_all = load4(xa, {base})")
-            if center:
-                emit(f"{ind}c_lo, c_hi, c_all, _ = load4(xa, {base} + 4)")
+            xa_at = f"(xg{t} + grp) * 12" + (" + 4 + 4 * half" if words == 2 else "")
+            emit(f"{ind}d, xs, xr, _ = load4(xa, {xa_at})")
             for acc, w in (("ag", "p"), ("au", "q")):
                 emit(f"{ind}{acc} = dp4a({w}0, h0, 0)")
                 for v in range(1, words):
@@ -144,19 +140,12 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
                 emit(f"{ind}{acc} = dp4a({w}0, l0, {acc} << 8)")
                 for v in range(1, words):
                     emit(f"{ind}{acc} = dp4a({w}{v}, l{v}, {acc})")
-            if center:
-                cs = "c_all" if words == 4 else "(c_lo if half == 0 else c_hi)"
-                emit(f"{ind}cs = float32({center}) * {cs}")
-                fg, fu = "(float32(ag) - cs)", "(float32(au) - cs)"
-            else:
-                fg, fu = "float32(ag)", "float32(au)"
-            emit(f"{ind}g{t} += (ab[{sg}] * d) * {fg}")
-            emit(f"{ind}u{t} += (ab[{8 + sg}] * d) * {fu}")
+            cr = f" + float32({center}) * xr" if center else ""
+            emit(f"{ind}g{t} += ab[{sg}] * (d * float32(ag){cr})")
+            emit(f"{ind}u{t} += ab[{8 + sg}] * (d * float32(au){cr})")
             if has_offset:
-                xs = "s_all" if words == 4 else "(s_lo if half == 0 else s_hi)"
-                emit(f"{ind}xs = {xs}")
-                emit(f"{ind}g{t} -= bg * xs")
-                emit(f"{ind}u{t} -= bu * xs")
+                emit(f"{ind}g{t} -= ab[{4 + sg}] * xs")
+                emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
     emit(f"{ind}c += segw")
     for t in toks:
         emit(f"""        g = seg_sum(g{t}, segw)

@@ -20,7 +20,7 @@ from ..errors import MoEError
 from ..routing import GATINGS, RouterOutput, _check_params
 from .primitives import warp_argmax, warp_max64, warp_sum64, warp_sync
 
-__all__ = ["topk_route", "launch_topk", "MAX_TOP_K"]
+__all__ = ["topk_route", "launch_topk", "route_token", "MAX_TOP_K"]
 
 #: Largest K the device router supports (one lane per pick).
 MAX_TOP_K = 32
@@ -30,23 +30,16 @@ _SOFTMAX_WEIGHT = GATINGS["softmax_weight"]
 _NEG_INF = float32(-np.inf)
 
 
-@cuda.jit
-def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
-                 n_group, topk_group, scale, ids, weights):
-    """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
+@cuda.jit(device=True)
+def route_token(logits, row, lane, sh, base, n_exp, top_k, gating, norm, bias, has_bias,
+                n_group, topk_group, scale):
+    """Route the token whose logits start at ``logits[row]``, by one warp.
 
-    Dynamic shared memory: ``warps * (2 * n_exp + n_group)`` float32.  Warps
-    past the last token route the last token again and write nothing, so
-    every lane reaches every reduction.
+    ``sh[base : base + 2 * n_exp + n_group]`` is this warp's float32 shared
+    scratch.  Returns ``(id, weight)`` of pick ``lane`` (meaningful for
+    ``lane < top_k``).  Every lane of the warp must call it (warp
+    reductions), and the caller syncs the warp before reusing the scratch.
     """
-    sh = cuda.shared.array(0, float32)
-    tid = cuda.threadIdx.x
-    lane = tid & 31
-    warp = tid >> 5
-    t = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + warp
-    valid = t < n_tok
-    row = (t if valid else n_tok - 1) * lstride
-    base = warp * (2 * n_exp + n_group)
     probs = base
     sel = base + n_exp
     gsc = base + 2 * n_exp
@@ -145,7 +138,28 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
             w = float32(scale / top_k)
         else:
             w = float32(pk / s * scale)
-    if valid and mine:
+    return my_id, w
+
+
+@cuda.jit
+def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
+                 n_group, topk_group, scale, ids, weights):
+    """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
+
+    Dynamic shared memory: ``warps * (2 * n_exp + n_group)`` float32.  Warps
+    past the last token route the last token again and write nothing, so
+    every lane reaches every reduction.
+    """
+    sh = cuda.shared.array(0, float32)
+    tid = cuda.threadIdx.x
+    lane = tid & 31
+    warp = tid >> 5
+    t = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + warp
+    valid = t < n_tok
+    row = (t if valid else n_tok - 1) * lstride
+    my_id, w = route_token(logits, row, lane, sh, warp * (2 * n_exp + n_group), n_exp, top_k,
+                           gating, norm, bias, has_bias, n_group, topk_group, scale)
+    if valid and lane < top_k:
         ids[t * top_k + lane] = my_id
         weights[t * top_k + lane] = w
 

@@ -1,0 +1,71 @@
+"""Router logits of a small batch: one block per router row.
+
+The router matrix is small (E x H float32, 1 MiB for Qwen3-30B-A3B) and a
+decode step has few tokens, so a GEMV that gives each row to a few lanes
+leaves most of the GPU idle and waits on one load after another.  Here
+block ``r`` computes row ``r``'s logits for every token: its threads split
+the row's columns (one 16-byte load each per step), multiply them with
+:data:`TOKENS` tokens at a time, and reduce over the block.  Every row is
+read once per pass of tokens; the activations come from L2.
+"""
+from __future__ import annotations
+
+from numba import cuda, float32, int64
+
+from .primitives import load4, seg_sum
+
+__all__ = ["TOKENS", "launch_router"]
+
+#: Tokens a pass (accumulators per thread).
+TOKENS = 8
+_MAX_WARPS = 32
+
+
+@cuda.jit
+def _router_kernel(w, x, n_tok, cols, lstride, logits):
+    """``logits[t * lstride + r] = w[r] . x[t]`` for ``r = blockIdx.x``."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    lane = tid & 31
+    warp = tid >> 5
+    part = cuda.shared.array((_MAX_WARPS, TOKENS), float32)
+    acc = cuda.local.array(TOKENS, float32)
+    wrow = int64(r) * cols
+    for t0 in range(0, n_tok, TOKENS):
+        nt = min(TOKENS, n_tok - t0)
+        for t in range(TOKENS):
+            acc[t] = float32(0)
+        for c in range(4 * tid, cols, 4 * nthreads):
+            w0, w1, w2, w3 = load4(w, wrow + c)
+            for t in range(TOKENS):
+                if t < nt:
+                    x0, x1, x2, x3 = load4(x, int64(t0 + t) * cols + c)
+                    acc[t] += (w0 * x0 + w1 * x1) + (w2 * x2 + w3 * x3)
+        for t in range(TOKENS):
+            v = seg_sum(acc[t], 32)
+            if lane == 0:
+                part[warp, t] = v
+        cuda.syncthreads()
+        if tid < nt:
+            s = float32(0)
+            for k in range(nthreads >> 5):
+                s += part[k, tid]
+            logits[int64(t0 + tid) * lstride + r] = s
+        cuda.syncthreads()
+
+
+def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream) -> None:
+    """Enqueue the router logits of ``n_tok`` tokens (no checks, no allocation).
+
+    Parameters
+    ----------
+    w : device float32, flat ``[rows * cols]``
+    x : device float32, flat ``[n_tok * cols]`` (``cols`` a multiple of 4)
+    lstride : int
+        Row stride of ``logits`` (>= rows).
+    logits : device float32, flat ``[n_tok * lstride]``
+    threads : int
+        Block size, a multiple of 32, at most 1024.
+    """
+    _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits)
