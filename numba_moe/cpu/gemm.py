@@ -52,7 +52,7 @@ from .blockdot import dot_row_q4_k
 from .rowdecode import decode_row_q4_k, decode_row_q5_k, decode_row_q6_k, decode_row_q8_0
 from .rowdot import dot_dense, dot_kquant, dot_q8_0
 from .schedule import max_items, schedule_items
-from .simd import dot_row_q4_k_avx512, dot_row_q6_k_avx512, simd_flag
+from .simd import dot_decoded_avx512, dot_row_q4_k_avx512, dot_row_q6_k_avx512, simd_flag
 
 __all__ = ["Projection", "projection", "grouped_gate_up", "grouped_down", "TILE_ROWS",
            "decode_buffers"]
@@ -76,6 +76,8 @@ TILE_ROWS = 16
 # each at a time.
 _GROUP_DOWN = 4
 _SCRATCH_SLOTS = 4
+#: AVX-512 path: experts with at most this many tokens skip the decode buffer.
+DIRECT_MAX_TOKENS = 3
 # One row decode costs about two token dot products (see schedule.py).
 _DECODE_WEIGHT = 2
 
@@ -169,17 +171,22 @@ def projection(t: ExpertTensor, fused: Optional[ExpertTensor] = None, row0: int 
 # --------------------------------------------------------------------------
 
 @njit(inline="always", cache=True)
-def _direct(qt, single_token, simd):
-    """Whether rows are dotted straight from the blocks (no decode buffer).
+def _direct(qt, tokens, single_token, simd):
+    """Whether an expert's rows are dotted straight from the blocks (no decode
+    buffer); ``tokens``: its slot count.
 
-    Only pays when each decoded row is used once (see
-    :mod:`numba_moe.cpu.blockdot`): Q4_K, and Q6_K on the AVX-512 path
-    (``simd`` not None, :mod:`numba_moe.cpu.simd`).  Chosen per call
-    (one-token forward), not per expert: the two paths round differently,
-    and a token's output must not depend on which other tokens share the
-    batch.
+    Only pays when each row is used by few tokens (see
+    :mod:`numba_moe.cpu.blockdot`).  Portable kernels: Q4_K in one-token
+    forwards only, chosen per call and not per expert, because their two
+    paths round differently and a token's output must not depend on which
+    other tokens share the batch.  AVX-512 (``simd`` not None): Q4_K and
+    Q6_K experts with at most :data:`DIRECT_MAX_TOKENS` tokens, in any
+    forward, since :mod:`numba_moe.cpu.simd` rounds its direct and decoded
+    forms identically.
     """
-    return single_token and (qt == QT_Q4_K or (simd is not None and qt == QT_Q6_K))
+    if simd is None:
+        return single_token and qt == QT_Q4_K
+    return (qt == QT_Q4_K or qt == QT_Q6_K) and tokens <= DIRECT_MAX_TOKENS
 
 
 @njit(inline="always", cache=True)
@@ -214,6 +221,8 @@ def _dot(qt, direct, simd, q, q32, f, e, row, cols, w16, dsc, dmins, s, aq, ad, 
         return dot_dense(f, e, row, xf, t)
     if qt == QT_Q8_0:
         return dot_q8_0(w16, dsc, s, aq, ad, t, cols // 32)
+    if simd is not None and (qt == QT_Q4_K or qt == QT_Q6_K):
+        return dot_decoded_avx512(w16, dsc, dmins, s, qt == QT_Q4_K, aq, ad, amb, t, cols // 256)
     return dot_kquant(w16, dsc, dmins, s, qt != QT_Q6_K, aq, ad, amb, t, cols // 256)
 
 
@@ -247,7 +256,8 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
             e = items[it, 0]
             p0 = expert_offsets[e]
             p1 = expert_offsets[e + 1]
-            direct = (_direct(qts[0], single_token, simd), _direct(qts[1], single_token, simd))
+            direct = (_direct(qts[0], p1 - p0, single_token, simd),
+                      _direct(qts[1], p1 - p0, single_token, simd))
             for r in range(items[it, 1], items[it, 2]):
                 for j in range(2):
                     _decode(qts[j], direct[j], qs[j], q32s[j], e, row0s[j] + r, cols, wk, dk, mk, j)
@@ -278,7 +288,7 @@ def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, h
             e = items[it, 0]
             p0 = expert_offsets[e]
             p1 = expert_offsets[e + 1]
-            direct = _direct(qt, single_token, simd)
+            direct = _direct(qt, p1 - p0, single_token, simd)
             r1 = items[it, 2]
             for rg in range(items[it, 1], r1, _GROUP_DOWN):
                 nr = min(_GROUP_DOWN, r1 - rg)

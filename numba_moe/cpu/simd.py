@@ -39,7 +39,8 @@ from numba.extending import intrinsic
 
 from ..config import get_config
 
-__all__ = ["AVAILABLE", "simd_flag", "dot_row_q4_k_avx512", "dot_row_q6_k_avx512"]
+__all__ = ["AVAILABLE", "simd_flag", "dot_row_q4_k_avx512", "dot_row_q6_k_avx512",
+           "dot_decoded_avx512"]
 
 
 def _host_has_avx512() -> bool:
@@ -108,17 +109,59 @@ def _half(builder, base, offset):
     return builder.fpext(_load(builder, base, offset, ir.HalfType(), 1), _F32)
 
 
+# Float operations of the block epilogue carry the flag ``arcp`` (reciprocal
+# approximations: meaningless without a division).  Numba's fastmath pass
+# only flags float operations that have no flag yet, so these stay plain
+# IEEE operations in a given order, never reassociated or contracted into
+# FMAs: the direct and the decoded forms below then round identically.
+_STRICT = ("arcp",)
+
+
+def _strict(builder, op, a, b):
+    return getattr(builder, op)(a, b, flags=_STRICT)
+
+
+def _hsum8(builder, v):
+    """Sum of an ``<8 x float>``: halves, quarters, then the last pair."""
+    v = _strict(builder, "fadd", _lanes(builder, v, range(4)), _lanes(builder, v, range(4, 8)))
+    v = _strict(builder, "fadd", _lanes(builder, v, range(2)), _lanes(builder, v, range(2, 4)))
+    return _strict(builder, "fadd", builder.extract_element(v, ir.Constant(_I32, 0)),
+                   builder.extract_element(v, ir.Constant(_I32, 1)))
+
+
+def _accumulate(builder, f, d, ad, acc, dmins=None, amb=None):
+    """``f + d * ad * sum(acc) [- sum(dmins * amb)]``: the end of every block.
+
+    ``acc`` <16 x i32> integer products; ``dmins``, ``amb`` <8 x float> the
+    ``dmin * m`` of the eight sub-blocks and the activation sub-block sums
+    (K-quants with mins).
+    """
+    dot = builder.sitofp(_reduce_add(builder, acc), _F32)
+    v = _strict(builder, "fmul", _strict(builder, "fmul", d, ad), dot)
+    if dmins is not None:
+        v = _strict(builder, "fsub", v, _hsum8(builder, _strict(builder, "fmul", dmins, amb)))
+    return _strict(builder, "fadd", f, v)
+
+
+def _float_arg(context, builder, signature, args, i):
+    return context.cast(builder, args[i], signature.args[i], types.float32)
+
+
+def _load8f(builder, p):
+    return builder.load(builder.bitcast(p, ir.VectorType(_F32, 8).as_pointer()), align=4)
+
+
 @intrinsic
-def _q4_k_block(typingctx, q, e, r, o, aq, t, x, amb, m, ad):
-    """Q4_K block ``q[e, r, o:o+144]`` times activation codes ``aq[t, x:x+256]``
-    (block scale ``ad``, scaled sub-block sums ``amb[t, m:m+8]``): float32."""
-    sig = types.float32(q, e, r, o, aq, t, x, amb, m, ad)
+def _q4_k_block(typingctx, f, q, e, r, o, aq, t, x, amb, m, ad):
+    """``f`` plus Q4_K block ``q[e, r, o:o+144]`` times activation codes
+    ``aq[t, x:x+256]`` (block scale ``ad``, scaled sub-block sums
+    ``amb[t, m:m+8]``): float32."""
+    sig = types.float32(f, q, e, r, o, aq, t, x, amb, m, ad)
 
     def codegen(context, builder, signature, args):
-        pb = _item_ptr(context, builder, signature, args, (0, 1, 2, 3), _I8)
-        pa = _item_ptr(context, builder, signature, args, (4, 5, 6), _I16)
-        pm = _item_ptr(context, builder, signature, args, (7, 5, 8), _F32)
-        ad_ = context.cast(builder, args[9], signature.args[9], types.float32)
+        pb = _item_ptr(context, builder, signature, args, (1, 2, 3, 4), _I8)
+        pa = _item_ptr(context, builder, signature, args, (5, 6, 7), _I16)
+        pm = _item_ptr(context, builder, signature, args, (8, 6, 9), _F32)
         d = _half(builder, pb, 0)
         dmin = _half(builder, pb, 2)
         # The 12 scale bytes @4 as words (see rowdecode._k4_scale_words):
@@ -143,12 +186,8 @@ def _q4_k_block(typingctx, q, e, r, o, aq, t, x, amb, m, ad):
         b16 = builder.bitcast(v4, ir.VectorType(_I8, 16))
         sc = builder.zext(_lanes(builder, b16, range(8)), ir.VectorType(_I16, 8))
         mins = builder.uitofp(_lanes(builder, b16, range(8, 16)), ir.VectorType(_F32, 8))
-        mb = builder.load(builder.bitcast(pm, ir.VectorType(_F32, 8).as_pointer()), align=4)
-        fadd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_F32, [_F32, ir.VectorType(_F32, 8)]),
-            "llvm.vector.reduce.fadd.v8f32")
-        msum = builder.call(fadd, [ir.Constant(_F32, 0.0), builder.fmul(mins, mb)],
-                            fastmath=("reassoc",))
+        dmins = _strict(builder, "fmul", _lanes(builder, builder.insert_element(
+            ir.Constant(ir.VectorType(_F32, 1), None), dmin, c(0)), [0] * 8), mins)
         # qs[32j + l] = HHHHLLLL  ->  y[64j + l] = L * sc[2j],  y[64j + 32 + l] = H * sc[2j+1]
         acc = None
         for j in range(4):
@@ -158,21 +197,21 @@ def _q4_k_block(typingctx, q, e, r, o, aq, t, x, amb, m, ad):
             s = builder.add(_madd(builder, lo, _load(builder, pa, 64 * j, _V32xI16, 2)),
                             _madd(builder, hi, _load(builder, pa, 64 * j + 32, _V32xI16, 2)))
             acc = s if acc is None else builder.add(acc, s)
-        dot = builder.sitofp(_reduce_add(builder, acc), _F32)
-        return builder.fsub(builder.fmul(builder.fmul(d, ad_), dot), builder.fmul(dmin, msum))
+        return _accumulate(builder, args[0], d, _float_arg(context, builder, signature, args, 10),
+                           acc, dmins, _load8f(builder, pm))
 
     return sig, codegen
 
 
 @intrinsic
-def _q6_k_block(typingctx, q, e, r, o, aq, t, x, ad):
-    """Q6_K block ``q[e, r, o:o+210]`` times ``aq[t, x:x+256]`` (block scale ``ad``): float32."""
-    sig = types.float32(q, e, r, o, aq, t, x, ad)
+def _q6_k_block(typingctx, f, q, e, r, o, aq, t, x, ad):
+    """``f`` plus Q6_K block ``q[e, r, o:o+210]`` times ``aq[t, x:x+256]``
+    (block scale ``ad``): float32."""
+    sig = types.float32(f, q, e, r, o, aq, t, x, ad)
 
     def codegen(context, builder, signature, args):
-        pb = _item_ptr(context, builder, signature, args, (0, 1, 2, 3), _I8)
-        pa = _item_ptr(context, builder, signature, args, (4, 5, 6), _I16)
-        ad_ = context.cast(builder, args[7], signature.args[7], types.float32)
+        pb = _item_ptr(context, builder, signature, args, (1, 2, 3, 4), _I8)
+        pa = _item_ptr(context, builder, signature, args, (5, 6, 7), _I16)
         d = _half(builder, pb, 208)
         sc = builder.sext(_load(builder, pb, 192, ir.VectorType(_I8, 16), 1),
                           ir.VectorType(_I16, 16))
@@ -196,8 +235,52 @@ def _q6_k_block(typingctx, q, e, r, o, aq, t, x, ad):
                 w = builder.mul(code, _lanes(builder, sc, [s] * 16 + [s + 1] * 16))
                 p = _madd(builder, w, _load(builder, pa, 128 * n + 32 * k, _V32xI16, 2))
                 acc = p if acc is None else builder.add(acc, p)
-        dot = builder.sitofp(_reduce_add(builder, acc), _F32)
-        return builder.fmul(builder.fmul(d, ad_), dot)
+        return _accumulate(builder, args[0], d, _float_arg(context, builder, signature, args, 8),
+                           acc)
+
+    return sig, codegen
+
+
+def _decoded_acc(builder, pw, pa):
+    """Integer dot of 256 decoded int16 weights with 256 activation codes."""
+    acc = None
+    for j in range(8):
+        p = _madd(builder, _load(builder, pw, 32 * j, _V32xI16, 2),
+                  _load(builder, pa, 32 * j, _V32xI16, 2))
+        acc = p if acc is None else builder.add(acc, p)
+    return acc
+
+
+@intrinsic
+def _decoded_block(typingctx, f, w16, s, x, aq, t, ad, d):
+    """``f`` plus a block decoded by :mod:`numba_moe.cpu.rowdecode`
+    (``w16[s, x:x+256]``, scale ``d``) times ``aq[t, x:x+256]`` (scale ``ad``)."""
+    sig = types.float32(f, w16, s, x, aq, t, ad, d)
+
+    def codegen(context, builder, signature, args):
+        pw = _item_ptr(context, builder, signature, args, (1, 2, 3), _I16)
+        pa = _item_ptr(context, builder, signature, args, (4, 5, 3), _I16)
+        return _accumulate(builder, args[0], _float_arg(context, builder, signature, args, 7),
+                           _float_arg(context, builder, signature, args, 6),
+                           _decoded_acc(builder, pw, pa))
+
+    return sig, codegen
+
+
+@intrinsic
+def _decoded_block_mins(typingctx, f, w16, s, x, aq, t, ad, d, dmins, amb, m):
+    """:func:`_decoded_block` minus the min term ``dmins[s, m:m+8] . amb[t, m:m+8]``."""
+    sig = types.float32(f, w16, s, x, aq, t, ad, d, dmins, amb, m)
+
+    def codegen(context, builder, signature, args):
+        pw = _item_ptr(context, builder, signature, args, (1, 2, 3), _I16)
+        pa = _item_ptr(context, builder, signature, args, (4, 5, 3), _I16)
+        pd = _item_ptr(context, builder, signature, args, (8, 2, 10), _F32)
+        pm = _item_ptr(context, builder, signature, args, (9, 5, 10), _F32)
+        return _accumulate(builder, args[0], _float_arg(context, builder, signature, args, 7),
+                           _float_arg(context, builder, signature, args, 6),
+                           _decoded_acc(builder, pw, pa), _load8f(builder, pd),
+                           _load8f(builder, pm))
 
     return sig, codegen
 
@@ -208,7 +291,7 @@ def dot_row_q4_k_avx512(q, e, r, nb, aq, ad, amb, t):
     :func:`~numba_moe.cpu.blockdot.dot_row_q4_k`, without ``q32``): float32."""
     f = np.float32(0.0)
     for b in range(nb):
-        f += _q4_k_block(q, e, r, b * 144, aq, t, b * 256, amb, b * 8, ad[t, b])
+        f = _q4_k_block(f, q, e, r, b * 144, aq, t, b * 256, amb, b * 8, ad[t, b])
     return f
 
 
@@ -218,5 +301,20 @@ def dot_row_q6_k_avx512(q, e, r, nb, aq, ad, t):
     :func:`~numba_moe.cpu.rowdecode.decode_row_q6_k`) and a quantized activation row: float32."""
     f = np.float32(0.0)
     for b in range(nb):
-        f += _q6_k_block(q, e, r, b * 210, aq, t, b * 256, ad[t, b])
+        f = _q6_k_block(f, q, e, r, b * 210, aq, t, b * 256, ad[t, b])
+    return f
+
+
+@njit(inline="always", cache=True)
+def dot_decoded_avx512(w16, dsc, dmins, s, with_mins, aq, ad, amb, t, nb):
+    """:func:`~numba_moe.cpu.rowdot.dot_kquant` (same arguments) rounded exactly
+    as :func:`dot_row_q4_k_avx512` (``with_mins``) or :func:`dot_row_q6_k_avx512`
+    round the same row from its blocks."""
+    f = np.float32(0.0)
+    for b in range(nb):
+        if with_mins:
+            f = _decoded_block_mins(f, w16, s, b * 256, aq, t, ad[t, b], dsc[s, b], dmins, amb,
+                                    b * 8)
+        else:
+            f = _decoded_block(f, w16, s, b * 256, aq, t, ad[t, b], dsc[s, b])
     return f
