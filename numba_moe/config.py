@@ -183,9 +183,6 @@ class CudaLaunch:
     router_block_max_tokens : int
         Largest token count whose router runs on that kernel; above it the
         GEMV (up to ``router_gemv_max_tokens``) or the tiled kernel.
-    route_threads : int
-        Most threads of the one-block routing + plan kernel of small batches
-        (:mod:`numba_moe.cuda.smallbatch`; a warp per token up to it).
     """
 
     threads: int = 256
@@ -203,8 +200,7 @@ class CudaLaunch:
     gemv_single_warps: int = 8
     gemv_min_warps: int = 264
     router_threads: int = 256
-    router_block_max_tokens: int = 64
-    route_threads: int = 1024
+    router_block_max_tokens: int = 16
 
 
 #: The launch sizes every CUDA wrapper reads.

@@ -64,7 +64,6 @@ if SIMULATOR:
     CUDA_LAUNCH.gemv_min_warps = 1
     CUDA_LAUNCH.gemv_single_warps = 1
     CUDA_LAUNCH.router_threads = 32
-    CUDA_LAUNCH.route_threads = 64
     # a simulated barrier waits for every Python thread of the block to get
     # the GIL; a shorter switch interval roughly halves the simulated time
     sys.setswitchinterval(1e-3)

@@ -146,40 +146,6 @@ def test_plan_large_matches_cpu(t):
     _check_plan(ids, 128, 64)
 
 
-@pytest.mark.parametrize("opts", ROUTINGS)
-def test_route_plan_one_block_matches_cpu(opts):
-    # 5 tokens (several rounds of the block's warps), 3 of 16 experts each
-    # (some experts empty, pairs not a multiple of the block), codes of x
-    from numba_moe.cuda.smallbatch import launch_route_plan
-    from numba_moe.routing import _check_params
-
-    rng = np.random.default_rng(len(str(opts)))
-    t, e, k, h, bs = 5, 16, 3, 64, 8
-    opts = dict(opts)
-    bias = rng.standard_normal(e).astype(np.float32) * 0.1 if opts.pop("bias", False) else None
-    logits = rng.standard_normal((t, e)).astype(np.float32)
-    ref = nm.route(logits, k, selection_bias=bias, **opts)
-    params = _check_params(e, k, opts.get("norm_topk_prob", True), opts.get("gating", "softmax"),
-                           bias, opts.get("n_group", 1), opts.get("topk_group", 1),
-                           opts.get("scale", 1.0))
-    bias_dev = cuda.to_device(bias if bias is not None else np.zeros(1, np.float32))
-    ids, weights = _poison(t * k, np.int32), _poison(t * k, np.float32)
-    plan = _poisoned_plan(t * k, e, bs)
-    x = rng.standard_normal(t * h).astype(np.float32)
-    nq, na = quantized_sizes(x.size)
-    xq = cuda.to_device(np.full(nq, 0xDEADBEEF, np.uint32))
-    xa = _poison(na, np.float32)
-    launch_route_plan(cuda.to_device(logits.ravel()), e, t, e, params, bias_dev, ids, weights,
-                      bs, plan, cuda.to_device(x), x.size // 16, xq, xa, 0)
-    cuda.synchronize()
-    np.testing.assert_array_equal(ids.copy_to_host().reshape(t, k), ref.expert_ids)
-    np.testing.assert_allclose(weights.copy_to_host().reshape(t, k), ref.expert_weights,
-                               rtol=1e-6, atol=0)
-    _compare_plan(plan, ref.expert_ids, e, bs)
-    np.testing.assert_array_equal(_codes_of(xq.copy_to_host()), quantize_reference(x)[0])
-    assert not np.isnan(xa.copy_to_host()).any()
-
-
 @pytest.mark.parametrize("t", [1, 11])
 def test_router_logits_match_reference(t):
     # 11 tokens: two passes of 8; lstride 7 > 5 rows leaves a column unwritten

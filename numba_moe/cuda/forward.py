@@ -41,8 +41,6 @@ from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_ca
 from .primitives import SIMULATOR, next_pow2
 from .router import launch_router
 from .routing import MAX_TOP_K, launch_topk
-from .smallbatch import fits as fits_one_block
-from .smallbatch import launch_route_plan
 from .weights import upload_dense, upload_gate_up, upload_weights
 
 __all__ = ["CudaMoE", "upload", "moe_forward_cuda"]
@@ -312,12 +310,6 @@ class CudaMoE:
 
         sh_codes = self.shared is not None and uses_codes(self.shared[0], shared_small)
         x_codes = uses_codes(self.gate, small) or sh_codes
-        one_block = fits_one_block(p, e)
-
-        def route_plan():
-            groups = n_tok * self.hidden // 16 if x_codes else 0
-            launch_route_plan(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
-                              b.weights, self.block_size, b.plan, b.x, groups, *b.x_codes, s)
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
@@ -328,7 +320,7 @@ class CudaMoE:
 
         def gemm1():
             # x's codes serve the shared expert's gate/up too
-            if x_codes and not one_block:
+            if x_codes:
                 launch_quantize(b.x, n_tok * self.hidden, *b.x_codes, s)
             self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small,
                        routed_splits, nt, b.x_codes)
@@ -353,9 +345,8 @@ class CudaMoE:
                            self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
                            CUDA_LAUNCH.threads, s)
 
-        out = [("router", router)]
-        out += [("route+plan", route_plan)] if one_block else [("route", topk), ("plan", plan)]
-        out += [("gemm1", gemm1), ("gemm2", gemm2)]
+        out = [("router", router), ("route", topk), ("plan", plan), ("gemm1", gemm1),
+               ("gemm2", gemm2)]
         if self.shared is not None:
             out.append(("shared", shared))
         return out + [("combine", combine)]
