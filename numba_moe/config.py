@@ -183,6 +183,10 @@ class CudaLaunch:
     router_block_max_tokens : int
         Largest token count whose router runs on that kernel; above it the
         GEMV (up to ``router_gemv_max_tokens``) or the tiled kernel.
+    mma_min_blocks : int
+        Register budget of the tensor-core kernel (:mod:`numba_moe.cuda.mma`):
+        its 128-thread blocks that must fit on one multiprocessor (4: 128
+        registers a thread).
     """
 
     threads: int = 256
@@ -201,6 +205,7 @@ class CudaLaunch:
     gemv_min_warps: int = 264
     router_threads: int = 256
     router_block_max_tokens: int = 16
+    mma_min_blocks: int = 4
 
 
 #: The launch sizes every CUDA wrapper reads.

@@ -275,7 +275,7 @@ def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed, nt=None):
     out = _poison((t * k, rows), np.float32)
     got = expert_gemm(g, x, ids, up=u, kernel=kernel, out=out, tokens_per_pass=nt).copy_to_host()
     assert not np.isnan(got).any()
-    codes = kernel == "gemv" and qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+    codes = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
     assert _rel(got, _gemm_reference(g, u, x, ids)) < (CODES_TOL if codes else FLOAT_TOL)
 
 
@@ -283,7 +283,8 @@ def _check_gemm(qtype, kernel, gate_up, e, rows, cols, t, k, seed, nt=None):
 SIM_GEMMS = [(Q.Q4_K, "gemv", True, 4), (Q.Q5_K, "gemv", True, 1),
              (Q.Q6_K, "gemv", False, None), (Q.Q8_0, "gemv", True, 2),
              (Q.F16, "gemv", False, 1), (Q.Q4_K, "tiled", True, None),
-             (Q.Q6_K, "tiled", False, None)]
+             (Q.Q6_K, "tiled", False, None), (Q.Q5_K, "tiled", False, None),
+             (Q.Q8_0, "tiled", True, None), (Q.F16, "tiled", True, None)]
 
 
 @pytest.mark.filterwarnings("ignore:.*(no native kernel|dequantiz)")

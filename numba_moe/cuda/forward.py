@@ -308,8 +308,8 @@ class CudaMoE:
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
                        router_small, splits, nt_tok)
 
-        sh_codes = self.shared is not None and uses_codes(self.shared[0], shared_small)
-        x_codes = uses_codes(self.gate, small) or sh_codes
+        x_codes = uses_codes(self.gate) or (self.shared is not None
+                                            and uses_codes(self.shared[0]))
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
@@ -326,7 +326,7 @@ class CudaMoE:
                        routed_splits, nt, b.x_codes)
 
         def gemm2():
-            if uses_codes(self.down, small):
+            if uses_codes(self.down):
                 launch_quantize(b.act, p * self.inter, *b.act_codes, s)
             self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small,
                        routed_splits, nt, b.act_codes)
@@ -335,7 +335,7 @@ class CudaMoE:
             sg, su, sd = self.shared
             self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, shared_small,
                        splits, nt_tok, b.x_codes)
-            if uses_codes(sd, shared_small):
+            if uses_codes(sd):
                 launch_quantize(b.sh_act, n_tok * sg.rows, *b.sh_act_codes, s)
             self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows,
                        shared_small, splits, nt_tok, b.sh_act_codes)

@@ -11,16 +11,18 @@ from .actquant import launch_quantize, quantized_sizes
 from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
 from .gemm import tokens_per_pass as tokens_per_pass_for
 from .plan import DevicePlan, plan_capacity, plan_device
+from .mma import mma_kernel, mma_layout
 from .qgemv import qgemv_kernel
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
 __all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes"]
 
 
-def uses_codes(w: DeviceWeights, small: bool) -> bool:
-    """Whether :func:`launch_expert_gemm` reads the activations as codes
-    (:mod:`.actquant`): the GEMV over quantized weights."""
-    return small and w.info.codes4 is not None
+def uses_codes(w: DeviceWeights) -> bool:
+    """Whether :func:`launch_expert_gemm` reads the activations of ``w`` as
+    codes (:mod:`.actquant`): quantized weights, on the integer GEMV or the
+    tensor-core kernel; dense weights take float32 rows."""
+    return w.info.codes4 is not None
 
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
@@ -59,11 +61,17 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         segw, warps, row_blocks, tile, shared = gemv_layout(
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
             CUDA_LAUNCH.gemv_shared_bytes, token_splits)
-    if uses_codes(w, small):
+    if uses_codes(w) and small:
         kern = qgemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, *codes, num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
+    elif uses_codes(w):
+        kern = mma_kernel(w.info, gate_up, CUDA_LAUNCH.tile_m)
+        threads, n_blocks = mma_layout(w.rows)
+        kern[(m_blocks, n_blocks), threads, stream](
+            *w.planes, *vplanes, w.nb, 2 * w.chunks, w.rows, *codes, 2 * w.chunks, num_pairs,
+            top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
     elif small:
         kern = gemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream, shared](
@@ -146,7 +154,7 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
         nt = tokens_per_pass or tokens_per_pass_for(p / min(w.num_experts, p))
         flat = d_x.reshape(d_x.size)
         codes = None
-        if uses_codes(w, kernel == "gemv"):
+        if uses_codes(w):
             nq, na = quantized_sizes(d_x.size)
             codes = (cuda.device_array(nq, np.uint32, stream=stream),
                      cuda.device_array(na, np.float32, stream=stream))

@@ -20,7 +20,7 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
-           "dp4a", "silu", "block_exclusive_scan", "next_pow2"]
+           "dp4a", "mma_s8", "silu", "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -197,6 +197,32 @@ if not SIMULATOR:
 
         return types.int32(a, b, c), codegen
 
+    @intrinsic
+    def mma_s8(typingctx, a0, a1, b0, c0, c1, c2, c3):
+        """One warp-wide ``mma.sync.m16n8k16`` on signed bytes, int32 accumulate.
+
+        ``D (16x8) = A (16x16) @ B (16x8) + C``.  Lane ``l`` (group ``g = l >> 2``,
+        ``i = l & 3``) holds bytes ``A[g, 4i:4i+4]`` in ``a0``, ``A[g+8, 4i:4i+4]``
+        in ``a1``, ``B[4i:4i+4, g]`` in ``b0``, and ``C``/``D`` elements
+        ``[g, 2i]``, ``[g, 2i+1]``, ``[g+8, 2i]``, ``[g+8, 2i+1]``.  Every lane
+        of the warp must execute it.
+        """
+        if not all(isinstance(t, types.Integer) for t in (a0, a1, b0, c0, c1, c2, c3)):
+            return None
+        sig = types.UniTuple(types.int32, 4)(a0, a1, b0, c0, c1, c2, c3)
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 7)
+            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 "
+                               "{$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $8, $9, $10};",
+                               "=r,=r,=r,=r,r,r,r,r,r,r,r")
+            res = builder.call(asm, [_as_i32(builder, v) for v in args])
+            vals = [builder.extract_value(res, k) for k in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
     @device_inline
     def seg_sum(v, width):
         """Sum of ``v`` over each aligned group of ``width`` lanes (a power of
@@ -254,6 +280,32 @@ else:
         bytes_a = np.array([int(a) & _FULL], np.uint32).view(np.int8).astype(np.int64)
         bytes_b = np.array([int(b) & _FULL], np.uint32).view(np.int8).astype(np.int64)
         return np.int32(np.int64(c) + bytes_a @ bytes_b)
+
+    @cuda.jit(device=True)
+    def mma_s8(a0, a1, b0, c0, c1, c2, c3):
+        regs = cuda.shared.array((_MAX_THREADS, 3), np.int64)
+        tid = cuda.threadIdx.x
+        regs[tid, 0] = int(a0) & _FULL
+        regs[tid, 1] = int(a1) & _FULL
+        regs[tid, 2] = int(b0) & _FULL
+        cuda.syncthreads()
+        warp = tid - tid % 32
+        g = (tid % 32) >> 2
+        i = tid & 3
+        words = np.array([[regs[warp + lane, k] for k in range(3)] for lane in range(32)],
+                         np.int64)
+        frag = words.astype(np.uint32).view(np.int8).reshape(32, 3, 4)
+        a = np.zeros((16, 16), np.int64)
+        b = np.zeros((16, 8), np.int64)
+        for lane in range(32):
+            lg, li = lane >> 2, lane & 3
+            a[lg, 4 * li:4 * li + 4] = frag[lane, 0]
+            a[lg + 8, 4 * li:4 * li + 4] = frag[lane, 1]
+            b[4 * li:4 * li + 4, lg] = frag[lane, 2]
+        d = a @ b
+        cuda.syncthreads()
+        return (np.int32(c0 + d[g, 2 * i]), np.int32(c1 + d[g, 2 * i + 1]),
+                np.int32(c2 + d[g + 8, 2 * i]), np.int32(c3 + d[g + 8, 2 * i + 1]))
 
     def as_f32(u):
         return np.uint32(u).view(np.float32)

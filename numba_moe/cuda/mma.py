@@ -1,0 +1,143 @@
+"""Tiled grouped GEMM on tensor cores: integer ``mma.sync`` over weight codes and activation codes.
+
+For many tokens per expert the GEMM is bound by arithmetic, and the SIMT
+tiled kernel of :mod:`.gemm` (float32 FMAs after a float decode) reaches
+about 20 TFLOP/s.  Here the weights stay integer codes (the decoders'
+``kstep``) and the activations are the 16-bit codes of :mod:`.actquant`
+(two signed byte planes), so the products run on the tensor cores
+(``mma.m16n8k16`` on signed bytes, :func:`~.primitives.mma_s8`), one step
+of 16 columns at a time: within a step every weight row has one scale and
+offset ``(a, b)`` and every token one code scale ``d`` (with its sums ``s``
+and rounding ``r``), so per output element and step::
+
+    acc = mma(A, B_hi) << 8;  acc = mma(A, B_lo, acc)     exact int32
+    out += a * (d * acc + c * r) - b * s                   float32
+
+(``c``: the type's ``codes_center``, as in :mod:`.qgemv`).
+
+Block ``(mb, nb)``: tokens ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]``
+of expert ``block_expert[mb]`` (the plan's padded layout, sentinel =
+padding) times 64 weight rows (and the 64 matching up rows in ``gate_up``
+mode), 4 warps of 16 rows; a warp holds all ``tile_m`` tokens as
+``tile_m / 8`` mma tiles.  Lane ``(g, i)`` (``g = lane >> 2``, ``i = lane
+& 3``) loads the A codes of rows ``g`` and ``g + 8`` straight from the
+blocks (a quad reads 16 contiguous bytes of a row), and the B codes of
+token ``8n + g`` from the activation codes (L1/L2 resident).
+"""
+from __future__ import annotations
+
+from numba import cuda, float32, int32, int64
+
+from .decoders import QInfo
+from .primitives import kernel as kernel_jit
+from .primitives import load4, mma_s8, silu
+
+__all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout"]
+
+#: Warps a block, and weight rows a block (16 a warp).
+WARPS = 4
+ROWS = 16 * WARPS
+
+_cache = {}
+
+
+def mma_kernel(qi: QInfo, gate_up: bool, tile_m: int):
+    """The tensor-core kernel for quantized weights of type ``qi`` (``qi.kstep`` set).
+
+    Signature::
+
+        kernel[(m_blocks, n_blocks), 32 * WARPS, stream](
+            wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
+            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out)
+
+    ``n_steps`` = columns / 16; ``xq``, ``xa``: codes of the input rows
+    (:mod:`.actquant`), ``groups`` 16-column groups a row (= ``n_steps``);
+    input row of pair ``p``: token ``p // top_k`` (gate_up) or slot
+    ``pairs_by_token[p]`` (plain); output row: that slot.  ``tile_m`` (a
+    multiple of 8) is the plan's block size.
+    """
+    from ..config import CUDA_LAUNCH
+
+    key = (qi.qtype, gate_up, tile_m, CUDA_LAUNCH.mma_min_blocks)
+    if key not in _cache:
+        _cache[key] = _make(qi, gate_up, tile_m, CUDA_LAUNCH.mma_min_blocks)
+    return _cache[key]
+
+
+def mma_layout(rows: int):
+    """``(threads, n_blocks)`` of the launch for ``rows`` output rows."""
+    return 32 * WARPS, -(-rows // ROWS)
+
+
+def _source(tile_m: int, gate_up: bool, center: int) -> str:
+    """Python source of the kernel, its token tiles and accumulators written out."""
+    ntiles = tile_m // 8
+    halves = range(2 if gate_up else 1)
+    lines = []
+    emit = lines.append
+    emit(f"""
+def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
+           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
+    mb = cuda.blockIdx.x
+    if mb * {tile_m} >= meta[1]:
+        return
+    e = block_expert[mb]
+    tid = cuda.threadIdx.x
+    lane = tid & 31
+    g = lane >> 2
+    i = lane & 3
+    xoff_s = cuda.shared.array({tile_m}, int32)
+    orow_s = cuda.shared.array({tile_m}, int32)
+    for m in range(tid, {tile_m}, cuda.blockDim.x):
+        p = sorted_ids[mb * {tile_m} + m]
+        if p < num_pairs:
+            slot = pairs_by_token[p]
+            xoff_s[m] = int32({"p // top_k" if gate_up else "slot"}) * groups
+            orow_s[m] = slot
+        else:
+            xoff_s[m] = 0
+            orow_s[m] = -1
+    cuda.syncthreads()
+    r0 = cuda.blockIdx.y * {ROWS} + (tid >> 5) * 16 + g
+    r1 = r0 + 8
+    # rows past the end read the last row (valid memory) and write nothing
+    row0 = int64(e) * rows + min(r0, rows - 1)
+    row1 = int64(e) * rows + min(r1, rows - 1)""")
+    for h in halves:
+        for n in range(ntiles):
+            emit("    " + " = ".join(f"c{h}_{n}_{k}" for k in range(4)) + " = float32(0)")
+    emit("""    for ks in range(n_steps):
+        w00, a00, b00 = kstep(wa, wb, wc, wd, row0, ks, nb, i)
+        w01, a01, b01 = kstep(wa, wb, wc, wd, row1, ks, nb, i)""")
+    if gate_up:
+        emit("""        w10, a10, b10 = kstep(va, vb, vc, vd, row0, ks, nb, i)
+        w11, a11, b11 = kstep(va, vb, vc, vd, row1, ks, nb, i)""")
+    ind = " " * 8
+    for n in range(ntiles):
+        emit(f"""{ind}xb = (xoff_s[{8 * n} + g] + ks) * 8 + i
+{ind}hb = xq[xb]
+{ind}lb = xq[xb + 4]
+{ind}d0, s0, q0, _ = load4(xa, (xoff_s[{8 * n} + 2 * i] + ks) * 12)
+{ind}d1, s1, q1, _ = load4(xa, (xoff_s[{8 * n + 1} + 2 * i] + ks) * 12)""")
+        for h in halves:
+            emit(f"""{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, hb, 0, 0, 0, 0)
+{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, lb, t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
+            for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+                cr = f" + float32({center}) * q{tok}" if center else ""
+                emit(f"{ind}c{h}_{n}_{k} += a{h}{rowk} * (d{tok} * float32(t{k}){cr})"
+                     f" - b{h}{rowk} * s{tok}")
+    for n in range(ntiles):
+        for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            val = f"silu(c0_{n}_{k}) * c1_{n}_{k}" if gate_up else f"c0_{n}_{k}"
+            emit(f"""    orow = orow_s[{8 * n + tok} + 2 * i]
+    if orow >= 0 and r{rowk} < rows:
+        out[int64(orow) * rows + r{rowk}] = {val}""")
+    return "\n".join(lines) + "\n"
+
+
+def _make(qi: QInfo, gate_up: bool, tile_m: int, min_blocks: int):
+    src = _source(tile_m, gate_up, qi.codes_center)
+    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, kstep=qi.kstep,
+              load4=load4, mma_s8=mma_s8, silu=silu)
+    exec(compile(src, f"<mma {qi.qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
+    return kernel_jit(launch_bounds=(32 * WARPS, min_blocks))(ns["kernel"])
