@@ -184,10 +184,13 @@ def test_portable_specialization_never_types_the_avx512_intrinsics(qt):
     x = np.random.default_rng(19).standard_normal((1, 256)).astype(np.float32)
     aq, ad, amb = quantize_rows(x)
 
+    ap = np.empty_like(aq)
+    simd.q4_k_order_into(aq, 1, ap)
+
     @njit
-    def one_dot(simd):
-        return gemm._dot(qt, True, simd, p.q, p.q32, p.f, 0, 1, 256, aq, aq, ad, 0, aq, ad, amb,
-                         ad, 0)
+    def one_dot(flag):
+        return gemm._dot(qt, True, flag, p.q, p.q32, p.f, 0, 1, 256, aq, aq, ad, 0, aq, ad, amb,
+                         ap, x, 0)
 
     one_dot(None)
     ir = one_dot.inspect_llvm(one_dot.signatures[0])

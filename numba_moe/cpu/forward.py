@@ -30,10 +30,10 @@ from ..routing import route_into
 from ..threading_guard import parallel_launch
 from .actquant import quantize_rows_into
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, combine_into
-from .gemm import _DECODE_WEIGHT, QT_DENSE, TILE_ROWS, _down_kernel, _gate_up_kernel
+from .gemm import _DECODE_WEIGHT, QT_DENSE, QT_Q4_K, TILE_ROWS, _down_kernel, _gate_up_kernel
 from .logits import router_logits_into
 from .schedule import schedule_items
-from .simd import simd_flag
+from .simd import q4_k_order_into, simd_flag
 from .workspace import workspace_for
 
 __all__ = ["moe_forward", "touched_expert_bytes"]
@@ -70,25 +70,27 @@ def _schedule(branch, offsets, nbins):
                    branch.bounds2)
 
 
-def _gemm1(ws, branch, offsets, tokens, x):
+def _gemm1(ws, branch, offsets, tokens, x, simd):
     g, u = branch.gate, branch.up
     xq, xd, xmb = ws.xq
     _gate_up_kernel(branch.items1, branch.bounds1, offsets, tokens, (g.qt, u.qt), (g.q, u.q),
-                    (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, x,
-                    branch.h, ws.w16, ws.dsc, ws.dmins, x.shape[0] == 1, simd_flag())
+                    (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols, xq, xd, xmb, ws.xp, x,
+                    branch.h, ws.w16, ws.dsc, ws.dmins, x.shape[0] == 1, simd)
 
 
-def _act(branch, slots):
+def _act(branch, slots, simd):
     if branch.down.qt != QT_DENSE and slots:
         quantize_rows_into(branch.h, slots, *branch.hq)
+        if simd is not None and branch.down.qt == QT_Q4_K:
+            q4_k_order_into(branch.hq[0], slots, branch.hp)
 
 
-def _gemm2(ws, branch, offsets, single_token):
+def _gemm2(ws, branch, offsets, single_token, simd):
     d = branch.down
     hq, hd, hmb = branch.hq
     _down_kernel(branch.items2, branch.bounds2, offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols,
-                 hq, hd, hmb, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins, single_token,
-                 simd_flag())
+                 hq, hd, hmb, branch.hp, branch.h, branch.y, ws.w16, ws.dsc, ws.dmins,
+                 single_token, simd)
 
 
 def moe_forward(layer, x: np.ndarray) -> np.ndarray:
@@ -117,6 +119,7 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
     T = x.shape[0]
     K = layer.top_k
     nbins = numba.get_num_threads()
+    simd = simd_flag()
     ws = workspace_for(layer)
     out = np.empty((T, layer.hidden_size), dtype=np.float32)
     with ws.lock, parallel_launch():
@@ -137,18 +140,20 @@ def moe_forward(layer, x: np.ndarray) -> np.ndarray:
         with phase("gather"):
             if ws.any_native_in:
                 quantize_rows_into(x, T, *ws.xq)
+                if simd is not None and ws.any_q4_k_in:
+                    q4_k_order_into(ws.xq[0], T, ws.xp)
         with phase("gemm1"):
-            _gemm1(ws, routed, plan.expert_offsets, plan.packed_token_idx, x)
+            _gemm1(ws, routed, plan.expert_offsets, plan.packed_token_idx, x, simd)
             if shared is not None:
-                _gemm1(ws, shared, ws.shared_offsets, ws.shared_tokens, x)
+                _gemm1(ws, shared, ws.shared_offsets, ws.shared_tokens, x, simd)
         with phase("act"):
-            _act(routed, T * K)
+            _act(routed, T * K, simd)
             if shared is not None:
-                _act(shared, T)
+                _act(shared, T, simd)
         with phase("gemm2"):
-            _gemm2(ws, routed, plan.expert_offsets, T == 1)
+            _gemm2(ws, routed, plan.expert_offsets, T == 1, simd)
             if shared is not None:
-                _gemm2(ws, shared, ws.shared_offsets, T == 1)
+                _gemm2(ws, shared, ws.shared_offsets, T == 1, simd)
         with phase("combine"):
             if shared is None:
                 mode, ys, gate_inp = SHARED_NONE, routed.y[:0], x[0, :0]

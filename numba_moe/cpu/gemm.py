@@ -52,7 +52,8 @@ from .blockdot import dot_row_q4_k
 from .rowdecode import decode_row_q4_k, decode_row_q5_k, decode_row_q6_k, decode_row_q8_0
 from .rowdot import dot_dense, dot_kquant, dot_q8_0
 from .schedule import max_items, schedule_items
-from .simd import dot_decoded_avx512, dot_row_q4_k_avx512, dot_row_q6_k_avx512, simd_flag
+from .simd import (dot_decoded_avx512, dot_row_q4_k_avx512, dot_row_q6_k_avx512,
+                   q4_k_order_into, simd_flag)
 
 __all__ = ["Projection", "projection", "grouped_gate_up", "grouped_down", "TILE_ROWS",
            "decode_buffers"]
@@ -206,16 +207,17 @@ def _decode(qt, direct, q, q32, e, row, cols, w16, dsc, dmins, s):
 
 
 @njit(inline="always", cache=True)
-def _dot(qt, direct, simd, q, q32, f, e, row, cols, w16, dsc, dmins, s, aq, ad, amb, xf, t):
+def _dot(qt, direct, simd, q, q32, f, e, row, cols, w16, dsc, dmins, s, aq, ad, amb, ap, xf, t):
     """Row ``row`` of expert ``e`` (decoded in buffer row ``s``; the blocks
-    when ``direct``; dense) times activation row ``t``."""
+    when ``direct``; dense) times activation row ``t`` (codes ``aq``; ``ap``
+    the same in :data:`~numba_moe.cpu.simd.Q4_K_ORDER`)."""
     if direct:
         # simd is None is resolved at compile time: the portable
         # specialization never types the AVX-512 intrinsics.
         if simd is None:
             return dot_row_q4_k(q, q32, e, row, cols // 256, aq, ad, amb, t)
         if qt == QT_Q4_K:
-            return dot_row_q4_k_avx512(q, e, row, cols // 256, aq, ad, amb, t)
+            return dot_row_q4_k_avx512(q, e, row, cols // 256, ap, ad, amb, t)
         return dot_row_q6_k_avx512(q, e, row, cols // 256, aq, ad, t)
     if qt == QT_DENSE:
         return dot_dense(f, e, row, xf, t)
@@ -232,7 +234,7 @@ def _dot(qt, direct, simd, q, q32, f, e, row, cols, w16, dsc, dmins, s, aq, ad, 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s, fs, row0s,
-                    cols, xq, xd, xmb, xf, h, w16, dsc, dmins, single_token, simd):
+                    cols, xq, xd, xmb, xp, xf, h, w16, dsc, dmins, single_token, simd):
     """``h[p, r] = silu(gate . x[t]) * (up . x[t])`` over the scheduled items.
 
     ``qts``, ``qs``, ``q32s``, ``fs``, ``row0s`` are (gate, up) pairs of the
@@ -243,7 +245,9 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
     helper (a loop over the pair), which halves the inlined code and the
     compile time.  ``single_token``: a one-token forward, whose Q4_K rows are
     dotted straight from the blocks (:func:`_direct`).  ``simd``: None
-    (portable kernels) or True (AVX-512 direct dots, :func:`simd_flag`).
+    (portable kernels) or True (AVX-512 dots, :func:`simd_flag`), which read
+    Q4_K blocks against ``xp``, the codes ``xq`` in
+    :data:`~numba_moe.cpu.simd.Q4_K_ORDER`.
     """
     nbins = bounds.shape[0] - 1
     for k in prange(nbins):
@@ -267,7 +271,7 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
                     u = np.float32(0.0)
                     for j in range(2):
                         v = _dot(qts[j], direct[j], simd, qs[j], q32s[j], fs[j], e, row0s[j] + r,
-                                 cols, wk, dk, mk, j, xq, xd, xmb, xf, t)
+                                 cols, wk, dk, mk, j, xq, xd, xmb, xp, xf, t)
                         if j == 0:
                             g = v
                         else:
@@ -276,8 +280,8 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, hd, hmb, hf, y,
-                 w16, dsc, dmins, single_token, simd):
+def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, hd, hmb, hp, hf,
+                 y, w16, dsc, dmins, single_token, simd):
     """``y[p, r] = down_e[r] . h[p]`` over the scheduled items (see :func:`_gate_up_kernel`)."""
     nbins = bounds.shape[0] - 1
     for k in prange(nbins):
@@ -297,7 +301,7 @@ def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, h
                 for p in range(p0, p1):
                     for i in range(nr):
                         y[p, rg + i] = _dot(qt, direct, simd, q, q32, f, e, row0 + rg + i, cols,
-                                            wk, dk, mk, i, hq, hd, hmb, hf, p)
+                                            wk, dk, mk, i, hq, hd, hmb, hp, hf, p)
 
 
 # --------------------------------------------------------------------------
@@ -404,12 +408,14 @@ def grouped_gate_up(gate, up, x, expert_offsets, packed_token_idx, out=None, num
         xq, xd, xmb = _unquantized(x)
     else:
         xq, xd, xmb = quantize_rows(x)
+    simd = simd_flag()
+    xp = _ordered_codes(xq, x.shape[0], simd, (g.qt, u.qt))
     items, bounds = _schedule(expert_offsets, g.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, g.cols)
     with parallel_launch():
         _gate_up_kernel(items, bounds, expert_offsets, packed_token_idx, (g.qt, u.qt),
                         (g.q, u.q), (g.q32, u.q32), (g.f, u.f), (g.row0, u.row0), g.cols,
-                        xq, xd, xmb, x, out, w16, dsc, dmins, x.shape[0] == 1, simd_flag())
+                        xq, xd, xmb, xp, x, out, w16, dsc, dmins, x.shape[0] == 1, simd)
     return out[:pairs]
 
 
@@ -442,12 +448,24 @@ def grouped_down(down, h, expert_offsets, out=None, num_threads=None):
         raise MoEError(f"out: expected a C-contiguous float32 array [>= {pairs}, {d.rows}]")
     nbins = _work_runs(num_threads)
     hq, hd, hmb = _unquantized(h) if d.qt == QT_DENSE else quantize_rows(h, pairs)
+    simd = simd_flag()
+    hp = _ordered_codes(hq, pairs, simd, (d.qt,))
     items, bounds = _schedule(expert_offsets, d.rows, nbins)
     w16, dsc, dmins = decode_buffers(nbins, d.cols)
     with parallel_launch():
         _down_kernel(items, bounds, expert_offsets, d.qt, d.q, d.q32, d.f, d.row0, d.cols, hq,
-                     hd, hmb, h, out, w16, dsc, dmins, pairs == 1, simd_flag())
+                     hd, hmb, hp, h, out, w16, dsc, dmins, pairs == 1, simd)
     return out[:pairs]
+
+
+def _ordered_codes(aq, n, simd, qts):
+    """Codes ``aq[:n]`` in :data:`~numba_moe.cpu.simd.Q4_K_ORDER` when the
+    AVX-512 kernels will read Q4_K blocks; ``aq`` itself (unread) otherwise."""
+    if simd is None or QT_Q4_K not in qts:
+        return aq
+    out = np.empty_like(aq)
+    q4_k_order_into(aq, n, out)
+    return out
 
 
 def _unquantized(x):

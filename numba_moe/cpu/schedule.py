@@ -12,7 +12,6 @@ keeps that expert's gathered activations hot in that thread's cache.
 Cost of an item: ``rows * (decode_weight + tokens)`` -- one row decode is
 worth ``decode_weight`` token dot products.
 """
-import numpy as np
 from numba import njit
 
 __all__ = ["schedule_items", "max_items"]

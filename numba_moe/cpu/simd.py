@@ -33,14 +33,16 @@ the portable path, which the tests also run on AVX-512 machines.
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..config import get_config
+from ..threading_guard import parallel_launch
+from .actquant import SERIAL_MAX_VALUES
 
-__all__ = ["AVAILABLE", "simd_flag", "dot_row_q4_k_avx512", "dot_row_q6_k_avx512",
-           "dot_decoded_avx512"]
+__all__ = ["AVAILABLE", "Q4_K_ORDER", "simd_flag", "q4_k_order_into", "dot_row_q4_k_avx512",
+           "dot_row_q6_k_avx512", "dot_decoded_avx512"]
 
 
 def _host_has_avx512() -> bool:
@@ -50,6 +52,25 @@ def _host_has_avx512() -> bool:
 
 #: Whether this host runs the kernels of this module.
 AVAILABLE = _host_has_avx512()
+
+
+def _q4_k_order():
+    # Lane k of a 256-block in the direct Q4_K form multiplies activation
+    # Q4_K_ORDER[k]: chunk c (qs columns 2c, 2c+1), part v (A B C D of
+    # _q4_k_block: v % 2 odd byte, v // 2 high nibble), lane i (column
+    # 2c + i // 16, byte 2 (i % 16) + v % 2 of it).
+    order = np.empty(256, dtype=np.int64)
+    for c in range(2):
+        for v in range(4):
+            for i in range(32):
+                order[128 * c + 32 * v + i] = (64 * (2 * c + i // 16) + 32 * (v // 2)
+                                               + 2 * (i % 16) + v % 2)
+    return order
+
+
+#: Order of the activation codes :func:`dot_row_q4_k_avx512` reads in every
+#: 256-value block (a permutation inside each 32-value sub-block).
+Q4_K_ORDER = _q4_k_order()
 
 
 def simd_flag():
@@ -154,8 +175,8 @@ def _load8f(builder, p):
 @intrinsic
 def _q4_k_block(typingctx, f, q, e, r, o, aq, t, x, amb, m, ad):
     """``f`` plus Q4_K block ``q[e, r, o:o+144]`` times activation codes
-    ``aq[t, x:x+256]`` (block scale ``ad``, scaled sub-block sums
-    ``amb[t, m:m+8]``): float32."""
+    ``aq[t, x:x+256]`` in :data:`Q4_K_ORDER` (block scale ``ad``, scaled
+    sub-block sums ``amb[t, m:m+8]``): float32."""
     sig = types.float32(f, q, e, r, o, aq, t, x, amb, m, ad)
 
     def codegen(context, builder, signature, args):
@@ -189,14 +210,27 @@ def _q4_k_block(typingctx, f, q, e, r, o, aq, t, x, amb, m, ad):
         dmins = _strict(builder, "fmul", _lanes(builder, builder.insert_element(
             ir.Constant(ir.VectorType(_F32, 1), None), dmin, c(0)), [0] * 8), mins)
         # qs[32j + l] = HHHHLLLL  ->  y[64j + l] = L * sc[2j],  y[64j + 32 + l] = H * sc[2j+1]
+        # Read as 16-bit words, 64 bytes (columns j = 2c, 2c+1) at a time, the
+        # nibbles need masks and shifts but no byte-to-word shuffle:
+        #   word i of chunk c = qs[64c + 2i + 1] qs[64c + 2i] = HHHHLLLL HHHHLLLL
+        #                                                      odd byte  even byte
+        #   A = w & 15: L of even bytes    B = w >> 8 & 15: L of odd bytes
+        #   C = w >> 4 & 15: H of even     D = w >> 12:     H of odd
+        # lanes 0-15 from column 2c, 16-31 from 2c + 1; the activation codes
+        # come in the matching order (Q4_K_ORDER).
         acc = None
-        for j in range(4):
-            v = builder.zext(_load(builder, pb, 16 + 32 * j, _V32xI8, 1), _V32xI16)
-            lo = builder.mul(builder.and_(v, _splat16(15)), _lanes(builder, sc, [2 * j] * 32))
-            hi = builder.mul(builder.lshr(v, _splat16(4)), _lanes(builder, sc, [2 * j + 1] * 32))
-            s = builder.add(_madd(builder, lo, _load(builder, pa, 64 * j, _V32xI16, 2)),
-                            _madd(builder, hi, _load(builder, pa, 64 * j + 32, _V32xI16, 2)))
-            acc = s if acc is None else builder.add(acc, s)
+        for ch in range(2):
+            wv = _load(builder, pb, 16 + 64 * ch, _V32xI16, 1)
+            parts = (builder.and_(wv, _splat16(15)),
+                     builder.and_(builder.lshr(wv, _splat16(8)), _splat16(15)),
+                     builder.and_(builder.lshr(wv, _splat16(4)), _splat16(15)),
+                     builder.lshr(wv, _splat16(12)))
+            s_lo = _lanes(builder, sc, [4 * ch] * 16 + [4 * ch + 2] * 16)
+            s_hi = _lanes(builder, sc, [4 * ch + 1] * 16 + [4 * ch + 3] * 16)
+            for v, part in enumerate(parts):
+                wsc = builder.mul(part, s_lo if v < 2 else s_hi)
+                p = _madd(builder, wsc, _load(builder, pa, 128 * ch + 32 * v, _V32xI16, 2))
+                acc = p if acc is None else builder.add(acc, p)
         return _accumulate(builder, args[0], d, _float_arg(context, builder, signature, args, 10),
                            acc, dmins, _load8f(builder, pm))
 
@@ -285,10 +319,39 @@ def _decoded_block_mins(typingctx, f, w16, s, x, aq, t, ad, d, dmins, amb, m):
     return sig, codegen
 
 
+@njit(parallel=True, cache=True)
+def _order_rows_parallel(q, n, out):
+    for r in prange(n):
+        for b in range(q.shape[1] // 256):
+            for k in range(256):
+                out[r, 256 * b + k] = q[r, 256 * b + Q4_K_ORDER[k]]
+
+
+@njit(cache=True)
+def _order_rows_serial(q, n, out):
+    for r in range(n):
+        for b in range(q.shape[1] // 256):
+            for k in range(256):
+                out[r, 256 * b + k] = q[r, 256 * b + Q4_K_ORDER[k]]
+
+
+def q4_k_order_into(q, n, out):
+    """Rows ``0 .. n-1`` of activation codes ``q`` (int16 [R, C], C a
+    multiple of 256) into ``out`` in :data:`Q4_K_ORDER` (no validation)."""
+    if n * q.shape[1] <= SERIAL_MAX_VALUES:
+        _order_rows_serial(q, n, out)
+    else:
+        with parallel_launch():
+            _order_rows_parallel(q, n, out)
+
+
 @njit(inline="always", cache=True)
 def dot_row_q4_k_avx512(q, e, r, nb, aq, ad, amb, t):
-    """``q[e, r] . x[t]`` for a Q4_K row of ``nb`` blocks (arguments as
-    :func:`~numba_moe.cpu.blockdot.dot_row_q4_k`, without ``q32``): float32."""
+    """``q[e, r] . x[t]`` for a Q4_K row of ``nb`` blocks: float32.
+
+    Arguments as :func:`~numba_moe.cpu.blockdot.dot_row_q4_k` without
+    ``q32``, except that the codes ``aq`` are in :data:`Q4_K_ORDER`
+    (:func:`q4_k_order_into`)."""
     f = np.float32(0.0)
     for b in range(nb):
         f = _q4_k_block(f, q, e, r, b * 144, aq, t, b * 256, amb, b * 8, ad[t, b])

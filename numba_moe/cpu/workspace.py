@@ -1,7 +1,8 @@
 """Per-layer scratch memory of the CPU forward, reused across calls.
 
 A :class:`Workspace` holds every buffer one forward needs (router logits,
-routing, plan, quantized activations, intermediate and per-slot outputs,
+routing, plan, quantized activations (and their copies in
+:data:`~numba_moe.cpu.simd.Q4_K_ORDER`), intermediate and per-slot outputs,
 work lists, decode scratch), sized for the largest T seen so far and grown
 (never shrunk) when a larger batch arrives; a warm call allocates nothing
 but its result.  Each layer has its own workspace, and its ``lock``
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..plan import BucketPlan
 from ..routing import route_scratch_shape
-from .gemm import TILE_ROWS, Projection, decode_buffers, projection
+from .gemm import QT_Q4_K, TILE_ROWS, Projection, decode_buffers, projection
 from .schedule import max_items
 
 __all__ = ["Workspace", "workspace_for"]
@@ -52,6 +53,7 @@ class _Branch:
             return
         self.h = np.zeros((slots, self.inter), dtype=np.float32)
         self.hq = _qbufs(slots, self.inter)
+        self.hp = np.zeros((slots, self.inter), dtype=np.int16)
         self.y = np.zeros((slots, self.hidden), dtype=np.float32)
         self.capacity = slots
 
@@ -82,6 +84,8 @@ class Workspace:
         self.n_group = layer.n_group
         self.any_native_in = any(p.qt >= 0 for p in (self.routed.gate, self.routed.up)) or (
             self.shared is not None and any(p.qt >= 0 for p in (self.shared.gate, self.shared.up)))
+        self.any_q4_k_in = any(p.qt == QT_Q4_K for b in (self.routed, self.shared)
+                               if b is not None for p in (b.gate, b.up))
         self.lock = threading.Lock()
         self.capacity = 0
         self.nbins = 0
@@ -97,6 +101,7 @@ class Workspace:
             self.route_scratch = np.zeros(route_scratch_shape(cap, E, self.n_group), np.float32)
             self.plan = BucketPlan.empty(cap, K, E)
             self.xq = _qbufs(cap, H)
+            self.xp = np.zeros((cap, H), dtype=np.int16)
             self.routed.ensure(cap * K)
             if self.shared is not None:
                 self.shared.ensure(cap)
