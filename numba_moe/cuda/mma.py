@@ -106,12 +106,17 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
     for h in halves:
         for n in range(ntiles):
             emit("    " + " = ".join(f"c{h}_{n}_{k}" for k in range(4)) + " = float32(0)")
-    emit("""    for ks in range(n_steps):
-        w00, a00, b00 = kstep(wa, wb, wc, wd, row0, ks, nb, i)
-        w01, a01, b01 = kstep(wa, wb, wc, wd, row1, ks, nb, i)""")
+    # the next step's weight codes load while this step computes
+    fetch = [("00", "wa, wb, wc, wd", "row0"), ("01", "wa, wb, wc, wd", "row1")]
     if gate_up:
-        emit("""        w10, a10, b10 = kstep(va, vb, vc, vd, row0, ks, nb, i)
-        w11, a11, b11 = kstep(va, vb, vc, vd, row1, ks, nb, i)""")
+        fetch += [("10", "va, vb, vc, vd", "row0"), ("11", "va, vb, vc, vd", "row1")]
+    for name, planes, row in fetch:
+        emit(f"    nw{name}, na{name}, nb{name} = kstep({planes}, {row}, 0, nb, i)")
+    emit("    for ks in range(n_steps):")
+    emit("        kn = min(ks + 1, n_steps - 1)")
+    for name, planes, row in fetch:
+        emit(f"        w{name}, a{name}, b{name} = nw{name}, na{name}, nb{name}")
+        emit(f"        nw{name}, na{name}, nb{name} = kstep({planes}, {row}, kn, nb, i)")
     ind = " " * 8
     for n in range(ntiles):
         emit(f"""{ind}xb = (xoff_s[{8 * n} + g] + ks) * 8 + i
