@@ -175,6 +175,33 @@ def test_one_token_from_blocks_matches_batched_path(use_simd, down_type):
     assert rel_err(y1, h1[:1].astype(np.float64) @ dense64(down)[e].T) <= NATIVE_TOL
 
 
+@pytest.mark.skipif(not simd.AVAILABLE, reason="host without AVX-512")
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_avx512_kernels_match_portable_ones(qtype):
+    """Uneven expert loads (1..3 tokens: direct; more: decode + 2x2 tiles with
+    odd tails); 38 and 37 down rows (row groups of 4 ending in 2 and in 1)."""
+    E, I, H, K, T = 6, 40, 512, 2, 23
+    gate = make_tensor(qtype, E, I, H, 20)
+    up = make_tensor(qtype, E, I, H, 21)
+    down = make_tensor(qtype, E, 38, 256, 22)
+    plan = make_plan(T, E, K, 23)
+    x = np.random.default_rng(24).standard_normal((T, H)).astype(np.float32)
+    hs = np.random.default_rng(25).standard_normal((T * K, 256)).astype(np.float32)
+    out = {}
+    for use_simd in (False, True):
+        with override(simd=use_simd):
+            out[use_simd] = (
+                grouped_gate_up(gate, up, x, plan.expert_offsets, plan.packed_token_idx),
+                grouped_down(down, hs, plan.expert_offsets),
+                grouped_down(make_tensor(qtype, E, 37, 256, 22), hs, plan.expert_offsets))
+    for a, b in zip(out[True], out[False]):
+        assert rel_err(a, b) <= 1e-5
+    d64 = dense64(down)
+    ref = np.concatenate([hs[plan.expert_offsets[e]:plan.expert_offsets[e + 1]].astype(np.float64)
+                          @ d64[e].T for e in range(E)])
+    assert rel_err(out[True][1], ref) <= NATIVE_TOL
+
+
 @pytest.mark.parametrize("qt", [gemm.QT_Q4_K, gemm.QT_Q6_K], ids=["Q4_K", "Q6_K"])
 def test_portable_specialization_never_types_the_avx512_intrinsics(qt):
     """``simd=None`` prunes the AVX-512 branch at compile time (a CPU without

@@ -25,11 +25,14 @@ int16 dot retires twice the multiply-adds per instruction of a float32 FMA
 at large T.  The cost is activation rounding: outputs match float64 to
 about 1e-3 relative (tests bound it by 5e-3).
 
-One-token forwards skip the decode buffer: Q4_K rows are dotted straight
-from the blocks (:mod:`numba_moe.cpu.blockdot`), and on AVX-512 hosts Q4_K
-and Q6_K rows go through explicit-vector block dots
-(:mod:`numba_moe.cpu.simd`): at T=1 on the CI machine, gate/up 30% and
-down 50% faster than the portable kernels.
+Experts with few tokens skip the decode buffer (:func:`_direct`).  On
+AVX-512 hosts, Q4_K and Q6_K rows go through the explicit-vector dots of
+:mod:`numba_moe.cpu.simd`: straight from the blocks for experts with at most
+:data:`DIRECT_MAX_TOKENS` tokens, decode + dot for the others, both rounding
+identically (measured on the CI machine against the portable kernels, whole
+forward: T=1 0.6x, T=4 0.5x, T=16 0.6x, T=64 0.85x, T=512 0.9x).  The
+portable kernels take the direct form for Q4_K in one-token forwards only
+(:mod:`numba_moe.cpu.blockdot`).
 
 Types without a native decoder (F32, F16, Q4_0, ...) take the dense path:
 ``ExpertTensor.dense()`` float32 rows dotted with the float32 activations
@@ -52,8 +55,8 @@ from .blockdot import dot_row_q4_k
 from .rowdecode import decode_row_q4_k, decode_row_q5_k, decode_row_q6_k, decode_row_q8_0
 from .rowdot import dot_dense, dot_kquant, dot_q8_0
 from .schedule import max_items, schedule_items
-from .simd import (dot_decoded_avx512, dot_row_q4_k_avx512, dot_row_q6_k_avx512,
-                   q4_k_order_into, simd_flag)
+from .simd import (dot_decoded_2x2_avx512, dot_decoded_avx512, dot_row_q4_k_avx512,
+                   dot_row_q6_k_avx512, q4_k_order_into, simd_flag)
 
 __all__ = ["Projection", "projection", "grouped_gate_up", "grouped_down", "TILE_ROWS",
            "decode_buffers"]
@@ -228,6 +231,21 @@ def _dot(qt, direct, simd, q, q32, f, e, row, cols, w16, dsc, dmins, s, aq, ad, 
     return dot_kquant(w16, dsc, dmins, s, qt != QT_Q6_K, aq, ad, amb, t, cols // 256)
 
 
+@njit(inline="always", cache=True)
+def _paired(qt, direct, simd):
+    """Whether decoded rows of type ``qt`` go through the AVX-512 2x2 tile
+    (:func:`~numba_moe.cpu.simd.dot_decoded_2x2_avx512`): two rows times two
+    tokens per pass, the same bits as four single dots."""
+    return simd is not None and not direct and (qt == QT_Q4_K or qt == QT_Q6_K)
+
+
+@njit(inline="always", cache=True)
+def _silu_mul(g, u):
+    """``silu(g) * u``: one definition for every call site, so that a slot's
+    value does not depend on which loop computed it."""
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
 # --------------------------------------------------------------------------
 # parallel kernels
 # --------------------------------------------------------------------------
@@ -265,7 +283,17 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
             for r in range(items[it, 1], items[it, 2]):
                 for j in range(2):
                     _decode(qts[j], direct[j], qs[j], q32s[j], e, row0s[j] + r, cols, wk, dk, mk, j)
-                for p in range(p0, p1):
+                p = p0
+                if _paired(qts[0], direct[0], simd) and qts[1] == qts[0] and not direct[1]:
+                    # Gate and up rows (buffer slots 0, 1) times two tokens at a time.
+                    while p + 1 < p1:
+                        gu = dot_decoded_2x2_avx512(wk, dk, mk, 0, 1, qts[0] == QT_Q4_K, xq, xd,
+                                                    xmb, token_of_slot[p], token_of_slot[p + 1],
+                                                    cols // 256)
+                        h[p, r] = _silu_mul(gu[0], gu[2])
+                        h[p + 1, r] = _silu_mul(gu[1], gu[3])
+                        p += 2
+                for p in range(p, p1):
                     t = token_of_slot[p]
                     g = np.float32(0.0)
                     u = np.float32(0.0)
@@ -276,7 +304,7 @@ def _gate_up_kernel(items, bounds, expert_offsets, token_of_slot, qts, qs, q32s,
                             g = v
                         else:
                             u = v
-                    h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+                    h[p, r] = _silu_mul(g, u)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -298,7 +326,19 @@ def _down_kernel(items, bounds, expert_offsets, qt, q, q32, f, row0, cols, hq, h
                 nr = min(_GROUP_DOWN, r1 - rg)
                 for i in range(nr):
                     _decode(qt, direct, q, q32, e, row0 + rg + i, cols, wk, dk, mk, i)
-                for p in range(p0, p1):
+                p = p0
+                if _paired(qt, direct, simd) and nr % 2 == 0:
+                    # Two rows times two slots at a time.
+                    while p + 1 < p1:
+                        for i in range(0, nr, 2):
+                            v = dot_decoded_2x2_avx512(wk, dk, mk, i, i + 1, qt == QT_Q4_K, hq, hd,
+                                                       hmb, p, p + 1, cols // 256)
+                            y[p, rg + i] = v[0]
+                            y[p + 1, rg + i] = v[1]
+                            y[p, rg + i + 1] = v[2]
+                            y[p + 1, rg + i + 1] = v[3]
+                        p += 2
+                for p in range(p, p1):
                     for i in range(nr):
                         y[p, rg + i] = _dot(qt, direct, simd, q, q32, f, e, row0 + rg + i, cols,
                                             wk, dk, mk, i, hq, hd, hmb, hp, hf, p)

@@ -1,22 +1,33 @@
-"""AVX-512 block dot products for one-token forwards (x86 only, chosen at import).
+"""AVX-512 block dot products (x86 only, chosen at import).
 
-One weight row times one activation row, straight from the GGUF blocks, with
-the vector shape spelled out in LLVM IR instead of left to the vectorizer.
-Each 256-value block is one integer reduction: the codes are zero-extended
-to 32 int16 lanes (``vpmovzxbw``), unpacked with shifts and masks, scaled by
-their sub-block scale (``vpmullw``), and multiplied with the 12-bit
-activation codes of :mod:`numba_moe.cpu.actquant` by
-``llvm.x86.avx512.pmaddw.d.512`` plus an add, which LLVM fuses into
-``vpdpwssd`` on CPUs with AVX512-VNNI.  The integers are the ones the
-portable kernels (:mod:`numba_moe.cpu.blockdot`, decode + dot) produce; only
-the float rounding order differs.
+Weight rows times activation rows with the vector shape spelled out in LLVM
+IR instead of left to the vectorizer, in two forms:
+
+* direct (:func:`dot_row_q4_k_avx512`, :func:`dot_row_q6_k_avx512`): straight
+  from the GGUF blocks, for experts with few tokens.  Per 256-value block
+  the codes are unpacked into 32 int16 lanes with shifts and masks, scaled
+  by their sub-block scale (``vpmullw``) and multiplied with the 12-bit
+  activation codes of :mod:`numba_moe.cpu.actquant` by
+  ``llvm.x86.avx512.pmaddw.d.512`` plus an add, which LLVM fuses into
+  ``vpdpwssd`` on CPUs with AVX512-VNNI.  Q4_K reads its nibbles as 16-bit
+  words (no byte-to-word shuffle) against activation codes stored in the
+  matching order (:data:`Q4_K_ORDER`, one reordered copy per token);
+* decoded (:func:`dot_decoded_avx512`): a row unpacked by
+  :mod:`numba_moe.cpu.rowdecode`, for experts with many tokens.
+
+Both compute the same integers per block and end every block with the same
+float operations in a fixed order (flagged so that Numba's fastmath pass
+leaves them alone, see ``_STRICT``), so they round identically: the forward
+may pick the form per expert and a token's output still does not depend on
+the batch, bit for bit.  The portable kernels round differently.
 
 Why not the loop form: Numba's loops reach the same instructions but LLVM
-keeps 256-bit vectors, chains every product of a block on one accumulator
-and unpacks the sub-block scales in scalar code.  Measured on the CI machine
-(Zen 4, one thread): 2048-value Q4_K rows 94 ns against 130 ns for
-:func:`~numba_moe.cpu.blockdot.dot_row_q4_k`; 768-value Q6_K rows 36 ns
-against 60 ns for decode + :func:`~numba_moe.cpu.rowdot.dot_kquant`.
+keeps 256-bit vectors, chains every product of a block on one accumulator,
+broadcasts each sub-block scale with two shuffles and unpacks them in scalar
+code.  Measured on the CI machine (Zen 4, one thread, rows in cache):
+2048-value Q4_K rows 83 ns against 130 ns for
+:func:`~numba_moe.cpu.blockdot.dot_row_q4_k`; 768-value Q6_K rows 36-47 ns
+against 60-75 ns for decode + :func:`~numba_moe.cpu.rowdot.dot_kquant`.
 
 Why ``vpmaddwd`` and not ``vpdpbusd`` (u8 x s8): 8-bit activation codes
 would cost ten times the rounding error, and a 12-bit code split into two
@@ -24,11 +35,12 @@ byte planes needs two ``vpdpbusd`` per 64 weights: as many multiplies as
 the int16 form, plus the per-sub-block scaling in int32.
 
 Dispatch: :data:`AVAILABLE` is read from the host CPU features once at
-import (``avx512bw``; ``f16c`` for the fp16 scales).  The kernels take a
-``simd`` argument, ``None`` on the portable path, and these functions are
-only typed (hence compiled) when it is not ``None``: a CPU without AVX-512
-never sees the intrinsics.  ``NUMBA_MOE_SIMD=0`` (``config.simd``) forces
-the portable path, which the tests also run on AVX-512 machines.
+import (``avx512f``, ``avx512bw``; ``f16c`` for the fp16 scales).  The
+kernels take a ``simd`` argument, ``None`` on the portable path, and these
+functions are only typed (hence compiled) when it is not ``None``: a CPU
+without AVX-512 never sees the intrinsics.  ``NUMBA_MOE_SIMD=0``
+(``config.simd``) forces the portable path, which the tests also run on
+AVX-512 machines.
 """
 import numpy as np
 from llvmlite import binding as llvm
@@ -42,7 +54,7 @@ from ..threading_guard import parallel_launch
 from .actquant import SERIAL_MAX_VALUES
 
 __all__ = ["AVAILABLE", "Q4_K_ORDER", "simd_flag", "q4_k_order_into", "dot_row_q4_k_avx512",
-           "dot_row_q6_k_avx512", "dot_decoded_avx512"]
+           "dot_row_q6_k_avx512", "dot_decoded_avx512", "dot_decoded_2x2_avx512"]
 
 
 def _host_has_avx512() -> bool:
@@ -275,48 +287,80 @@ def _q6_k_block(typingctx, f, q, e, r, o, aq, t, x, ad):
     return sig, codegen
 
 
-def _decoded_acc(builder, pw, pa):
-    """Integer dot of 256 decoded int16 weights with 256 activation codes."""
-    acc = None
+def _decoded_tile(context, builder, signature, args, rows, toks, mins):
+    """Blocks of decoded rows times blocks of activation rows, every pair.
+
+    ``args`` of a ``_decoded_block*`` intrinsic: running sums (one tuple,
+    row-major over rows x tokens), ``w16``, the buffer rows, ``x``, ``aq``,
+    the token rows, their ``ad``, the rows' ``d``, then with ``mins``:
+    ``dmins``, ``amb``, ``m``.  Each weight and activation vector is loaded
+    once for the whole tile.  Returns the new sums, in the same order.
+    """
+    f = cgutils.unpack_tuple(builder, args[0], rows * toks)
+    i_s, i_x = 2, 2 + rows
+    i_aq, i_t = i_x + 1, i_x + 2
+    i_ad, i_d = i_t + toks, i_t + 2 * toks
+    pw = [_item_ptr(context, builder, signature, args, (1, i_s + i, i_x), _I16)
+          for i in range(rows)]
+    pa = [_item_ptr(context, builder, signature, args, (i_aq, i_t + k, i_x), _I16)
+          for k in range(toks)]
+    ad = [_float_arg(context, builder, signature, args, i_ad + k) for k in range(toks)]
+    d = [_float_arg(context, builder, signature, args, i_d + i) for i in range(rows)]
+    acc = [[None] * toks for _ in range(rows)]
     for j in range(8):
-        p = _madd(builder, _load(builder, pw, 32 * j, _V32xI16, 2),
-                  _load(builder, pa, 32 * j, _V32xI16, 2))
-        acc = p if acc is None else builder.add(acc, p)
-    return acc
+        wv = [_load(builder, pw[i], 32 * j, _V32xI16, 2) for i in range(rows)]
+        av = [_load(builder, pa[k], 32 * j, _V32xI16, 2) for k in range(toks)]
+        for i in range(rows):
+            for k in range(toks):
+                p = _madd(builder, wv[i], av[k])
+                acc[i][k] = p if acc[i][k] is None else builder.add(acc[i][k], p)
+    out = []
+    for i in range(rows):
+        dm = None
+        if mins:
+            i_dm = i_d + rows
+            dm = _load8f(builder, _item_ptr(context, builder, signature, args,
+                                            (i_dm, i_s + i, i_dm + 2), _F32))
+        for k in range(toks):
+            mb = None
+            if mins:
+                mb = _load8f(builder, _item_ptr(context, builder, signature, args,
+                                                (i_d + rows + 1, i_t + k, i_d + rows + 2), _F32))
+            out.append(_accumulate(builder, f[i * toks + k], d[i], ad[k], acc[i][k], dm, mb))
+    return out
+
+
+def _decoded(rows, toks, mins, argtypes):
+    """Signature and codegen of a ``_decoded_block*`` intrinsic: adds block
+    ``x // 256`` of ``rows`` decoded rows times ``toks`` activation rows to a
+    tuple of running sums (see :func:`_decoded_tile`)."""
+
+    def codegen(context, builder, signature, args):
+        out = _decoded_tile(context, builder, signature, args, rows, toks, mins)
+        return context.make_tuple(builder, signature.return_type, out)
+
+    return types.UniTuple(types.float32, rows * toks)(*argtypes), codegen
 
 
 @intrinsic
 def _decoded_block(typingctx, f, w16, s, x, aq, t, ad, d):
-    """``f`` plus a block decoded by :mod:`numba_moe.cpu.rowdecode`
-    (``w16[s, x:x+256]``, scale ``d``) times ``aq[t, x:x+256]`` (scale ``ad``)."""
-    sig = types.float32(f, w16, s, x, aq, t, ad, d)
-
-    def codegen(context, builder, signature, args):
-        pw = _item_ptr(context, builder, signature, args, (1, 2, 3), _I16)
-        pa = _item_ptr(context, builder, signature, args, (4, 5, 3), _I16)
-        return _accumulate(builder, args[0], _float_arg(context, builder, signature, args, 7),
-                           _float_arg(context, builder, signature, args, 6),
-                           _decoded_acc(builder, pw, pa))
-
-    return sig, codegen
+    return _decoded(1, 1, False, (f, w16, s, x, aq, t, ad, d))
 
 
 @intrinsic
 def _decoded_block_mins(typingctx, f, w16, s, x, aq, t, ad, d, dmins, amb, m):
-    """:func:`_decoded_block` minus the min term ``dmins[s, m:m+8] . amb[t, m:m+8]``."""
-    sig = types.float32(f, w16, s, x, aq, t, ad, d, dmins, amb, m)
+    return _decoded(1, 1, True, (f, w16, s, x, aq, t, ad, d, dmins, amb, m))
 
-    def codegen(context, builder, signature, args):
-        pw = _item_ptr(context, builder, signature, args, (1, 2, 3), _I16)
-        pa = _item_ptr(context, builder, signature, args, (4, 5, 3), _I16)
-        pd = _item_ptr(context, builder, signature, args, (8, 2, 10), _F32)
-        pm = _item_ptr(context, builder, signature, args, (9, 5, 10), _F32)
-        return _accumulate(builder, args[0], _float_arg(context, builder, signature, args, 7),
-                           _float_arg(context, builder, signature, args, 6),
-                           _decoded_acc(builder, pw, pa), _load8f(builder, pd),
-                           _load8f(builder, pm))
 
-    return sig, codegen
+@intrinsic
+def _decoded_block_2x2(typingctx, f, w16, s0, s1, x, aq, t0, t1, ad0, ad1, d0, d1):
+    return _decoded(2, 2, False, (f, w16, s0, s1, x, aq, t0, t1, ad0, ad1, d0, d1))
+
+
+@intrinsic
+def _decoded_block_2x2_mins(typingctx, f, w16, s0, s1, x, aq, t0, t1, ad0, ad1, d0, d1, dmins,
+                            amb, m):
+    return _decoded(2, 2, True, (f, w16, s0, s1, x, aq, t0, t1, ad0, ad1, d0, d1, dmins, amb, m))
 
 
 @njit(parallel=True, cache=True)
@@ -373,11 +417,29 @@ def dot_decoded_avx512(w16, dsc, dmins, s, with_mins, aq, ad, amb, t, nb):
     """:func:`~numba_moe.cpu.rowdot.dot_kquant` (same arguments) rounded exactly
     as :func:`dot_row_q4_k_avx512` (``with_mins``) or :func:`dot_row_q6_k_avx512`
     round the same row from its blocks."""
-    f = np.float32(0.0)
+    f = (np.float32(0.0),)
     for b in range(nb):
         if with_mins:
             f = _decoded_block_mins(f, w16, s, b * 256, aq, t, ad[t, b], dsc[s, b], dmins, amb,
                                     b * 8)
         else:
             f = _decoded_block(f, w16, s, b * 256, aq, t, ad[t, b], dsc[s, b])
+    return f[0]
+
+
+@njit(inline="always", cache=True)
+def dot_decoded_2x2_avx512(w16, dsc, dmins, s0, s1, with_mins, aq, ad, amb, t0, t1, nb):
+    """Buffer rows ``s0``, ``s1`` times activation rows ``t0``, ``t1``: the four
+    :func:`dot_decoded_avx512` results ``(s0.t0, s0.t1, s1.t0, s1.t1)``, bit for
+    bit, with each vector loaded once for the four (1.5x faster per dot)."""
+    z = np.float32(0.0)
+    f = (z, z, z, z)
+    for b in range(nb):
+        x = b * 256
+        if with_mins:
+            f = _decoded_block_2x2_mins(f, w16, s0, s1, x, aq, t0, t1, ad[t0, b], ad[t1, b],
+                                        dsc[s0, b], dsc[s1, b], dmins, amb, b * 8)
+        else:
+            f = _decoded_block_2x2(f, w16, s0, s1, x, aq, t0, t1, ad[t0, b], ad[t1, b],
+                                   dsc[s0, b], dsc[s1, b])
     return f
