@@ -81,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--gemv-max", type=int, default=None, help="CUDA_LAUNCH.gemv_max_tokens")
     ap.add_argument("--router-max", type=int, default=None,
                     help="CUDA_LAUNCH.router_gemv_max_tokens")
+    ap.add_argument("--tile-m", type=int, default=None,
+                    help="CUDA_LAUNCH.tile_m (tokens of a tiled block, the plan's block size)")
     args = ap.parse_args(argv)
     # grouped launches size their grids for the worst case; idle blocks exit
     warnings.filterwarnings("ignore", message=".*Grid size")
@@ -94,6 +96,8 @@ def main(argv=None):
         CUDA_LAUNCH.gemv_max_tokens = args.gemv_max
     if args.router_max is not None:
         CUDA_LAUNCH.router_gemv_max_tokens = args.router_max
+    if args.tile_m:
+        CUDA_LAUNCH.tile_m = args.tile_m
 
     dev = cuda.get_current_device()
     print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}")

@@ -21,22 +21,32 @@ padding) times 64 weight rows (and the 64 matching up rows in ``gate_up``
 mode), 4 warps of 16 rows; a warp holds all ``tile_m`` tokens as
 ``tile_m / 8`` mma tiles.  Lane ``(g, i)`` (``g = lane >> 2``, ``i = lane
 & 3``) loads the A codes of rows ``g`` and ``g + 8`` straight from the
-blocks (a quad reads 16 contiguous bytes of a row), and the B codes of
-token ``8n + g`` from the activation codes (L1/L2 resident).
+blocks (a quad reads 16 contiguous bytes of a row; the next step's while
+this one computes).  The block's activation codes and scale terms are
+staged in shared memory :data:`STAGE` steps at a time (read from global
+memory once per block instead of once per warp and lane group: scattered
+per-lane loads of them made the kernel L1-bound).
 """
 from __future__ import annotations
 
-from numba import cuda, float32, int32, int64
+from numba import cuda, float32, int32, int64, uint32
 
 from .decoders import QInfo
 from .primitives import kernel as kernel_jit
-from .primitives import load4, mma_s8, silu
+from .primitives import load4, mma_s8, shared_load4, silu
 
 __all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout"]
 
 #: Warps a block, and weight rows a block (16 a warp).
 WARPS = 4
 ROWS = 16 * WARPS
+
+#: Steps (16 columns each) of activation codes a block stages in shared memory at a time.
+STAGE = 8
+# Shared row strides (words) of a token's staged codes and scale terms, padded
+# so that the 8 tokens a warp reads at once fall on different banks.
+XS = 8 * STAGE + 4
+AS = 4 * STAGE + 4
 
 _cache = {}
 
@@ -112,25 +122,53 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
         fetch += [("10", "va, vb, vc, vd", "row0"), ("11", "va, vb, vc, vd", "row1")]
     for name, planes, row in fetch:
         emit(f"    nw{name}, na{name}, nb{name} = kstep({planes}, {row}, 0, nb, i)")
-    emit("    for ks in range(n_steps):")
-    emit("        kn = min(ks + 1, n_steps - 1)")
+    emit(f"""    xs = cuda.shared.array({tile_m * XS}, uint32)
+    as_ = cuda.shared.array({tile_m * AS}, float32)
+    for ks0 in range(0, n_steps, {STAGE}):
+        se = min({STAGE}, n_steps - ks0)
+        cuda.syncthreads()
+        for idx in range(tid, {tile_m * 2 * STAGE}, cuda.blockDim.x):
+            m = idx // {2 * STAGE}
+            u = idx - m * {2 * STAGE}
+            if u < 2 * se:
+                w0, w1, w2, w3 = load4(xq, (xoff_s[m] + ks0) * 8 + 4 * u)
+                o = m * {XS} + 4 * u
+                xs[o] = w0
+                xs[o + 1] = w1
+                xs[o + 2] = w2
+                xs[o + 3] = w3
+        for idx in range(tid, {tile_m * STAGE}, cuda.blockDim.x):
+            m = idx // {STAGE}
+            u = idx - m * {STAGE}
+            if u < se:
+                f0, f1, f2, f3 = load4(xa, (xoff_s[m] + ks0 + u) * 12)
+                o = m * {AS} + 4 * u
+                as_[o] = f0
+                as_[o + 1] = f1
+                as_[o + 2] = f2
+                as_[o + 3] = f3
+        cuda.syncthreads()
+        for kss in range(se):
+            ks = ks0 + kss
+            kn = min(ks + 1, n_steps - 1)""")
     for name, planes, row in fetch:
-        emit(f"        w{name}, a{name}, b{name} = nw{name}, na{name}, nb{name}")
-        emit(f"        nw{name}, na{name}, nb{name} = kstep({planes}, {row}, kn, nb, i)")
-    ind = " " * 8
+        emit(f"            w{name}, a{name}, b{name} = nw{name}, na{name}, nb{name}")
+        emit(f"            nw{name}, na{name}, nb{name} = kstep({planes}, {row}, kn, nb, i)")
+    ind = " " * 12
     for n in range(ntiles):
-        emit(f"""{ind}xb = (xoff_s[{8 * n} + g] + ks) * 8 + i
-{ind}hb = xq[xb]
-{ind}lb = xq[xb + 4]
-{ind}d0, s0, q0, _ = load4(xa, (xoff_s[{8 * n} + 2 * i] + ks) * 12)
-{ind}d1, s1, q1, _ = load4(xa, (xoff_s[{8 * n + 1} + 2 * i] + ks) * 12)""")
+        emit(f"""{ind}xb = ({8 * n} + g) * {XS} + kss * 8 + i
+{ind}hb = xs[xb]
+{ind}lb = xs[xb + 4]
+{ind}d0, s0, q0, _ = shared_load4(as_, ({8 * n} + 2 * i) * {AS} + kss * 4)
+{ind}d1, s1, q1, _ = shared_load4(as_, ({8 * n + 1} + 2 * i) * {AS} + kss * 4)""")
         for h in halves:
             emit(f"""{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, hb, 0, 0, 0, 0)
 {ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, lb, t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
             for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
                 cr = f" + float32({center}) * q{tok}" if center else ""
-                emit(f"{ind}c{h}_{n}_{k} += a{h}{rowk} * (d{tok} * float32(t{k}){cr})"
-                     f" - b{h}{rowk} * s{tok}")
+                # two statements: two fused multiply-adds into the accumulator
+                emit(f"{ind}c{h}_{n}_{k} += a{h}{rowk} * (d{tok} * float32(t{k}){cr})")
+                emit(f"{ind}c{h}_{n}_{k} -= b{h}{rowk} * s{tok}")
     for n in range(ntiles):
         for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
             val = f"silu(c0_{n}_{k}) * c1_{n}_{k}" if gate_up else f"c0_{n}_{k}"
@@ -142,7 +180,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
 
 def _make(qi: QInfo, gate_up: bool, tile_m: int, min_blocks: int):
     src = _source(tile_m, gate_up, qi.codes_center)
-    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, kstep=qi.kstep,
-              load4=load4, mma_s8=mma_s8, silu=silu)
+    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
+              kstep=qi.kstep, load4=load4, shared_load4=shared_load4, mma_s8=mma_s8, silu=silu)
     exec(compile(src, f"<mma {qi.qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
     return kernel_jit(launch_bounds=(32 * WARPS, min_blocks))(ns["kernel"])
