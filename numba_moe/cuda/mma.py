@@ -155,20 +155,27 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
         emit(f"            w{name}, a{name}, b{name} = nw{name}, na{name}, nb{name}")
         emit(f"            nw{name}, na{name}, nb{name} = kstep({planes}, {row}, kn, nb, i)")
     ind = " " * 12
+    # per step: base offsets of this lane's B codes and scale terms (tile n adds a constant)
+    emit(f"{ind}xb = g * {XS} + kss * 8 + i")
+    emit(f"{ind}ab = 2 * i * {AS} + kss * 4")
+    for name, _, _ in fetch:
+        emit(f"{ind}m{name} = -b{name}")
     for n in range(ntiles):
-        emit(f"""{ind}xb = ({8 * n} + g) * {XS} + kss * 8 + i
-{ind}hb = xs[xb]
-{ind}lb = xs[xb + 4]
-{ind}d0, s0, q0, _ = shared_load4(as_, ({8 * n} + 2 * i) * {AS} + kss * 4)
-{ind}d1, s1, q1, _ = shared_load4(as_, ({8 * n + 1} + 2 * i) * {AS} + kss * 4)""")
+        emit(f"""{ind}hb = xs[xb + {8 * n * XS}]
+{ind}lb = xs[xb + {8 * n * XS + 4}]
+{ind}d0, s0, q0, _ = shared_load4(as_, ab + {8 * n * AS})
+{ind}d1, s1, q1, _ = shared_load4(as_, ab + {(8 * n + 1) * AS})""")
+        if center:
+            emit(f"{ind}q0 *= float32({center})")
+            emit(f"{ind}q1 *= float32({center})")
         for h in halves:
             emit(f"""{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, hb, 0, 0, 0, 0)
 {ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, lb, t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
             for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
-                cr = f" + float32({center}) * q{tok}" if center else ""
-                # two statements: two fused multiply-adds into the accumulator
-                emit(f"{ind}c{h}_{n}_{k} += a{h}{rowk} * (d{tok} * float32(t{k}){cr})")
-                emit(f"{ind}c{h}_{n}_{k} -= b{h}{rowk} * s{tok}")
+                # a (d t + c r) - b s as three fused multiply-adds
+                f = f"cuda.fma(d{tok}, float32(t{k}), q{tok})" if center else f"d{tok} * float32(t{k})"
+                acc = f"c{h}_{n}_{k}"
+                emit(f"{ind}{acc} = cuda.fma(m{h}{rowk}, s{tok}, cuda.fma(a{h}{rowk}, {f}, {acc}))")
     for n in range(ntiles):
         for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
             val = f"silu(c0_{n}_{k}) * c1_{n}_{k}" if gate_up else f"c0_{n}_{k}"
