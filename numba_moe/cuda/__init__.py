@@ -10,7 +10,8 @@ allocates and returns device arrays):
   (``layer.to("cuda")``, ``layer(x, device="cuda")``);
 * :func:`topk_route` -- :func:`numba_moe.route` on the device;
 * :func:`plan_device` -- BucketPlan + moe_align_block_size on the device;
-* :func:`expert_gemm` -- the grouped quantized GEMMs (GEMV and tiled);
+* :func:`expert_gemm` -- the grouped quantized GEMMs (GEMV and tiled: integer
+  ``dp4a`` GEMV and tensor-core kernel for quantized weights, float kernels for dense);
 * :func:`combine` -- the weighted combine.
 """
 from .combine import combine

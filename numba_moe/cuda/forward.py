@@ -4,21 +4,25 @@
 device, :mod:`.weights`); ``MoELayer.__call__(x, device="cuda")`` calls
 :func:`moe_forward_cuda`.  One forward of T tokens is
 
-    router GEMV/GEMM -> top-k -> plan -> gate/up (+SiLU) -> down
-    [-> shared expert gate/up, down] -> combine
+    router -> top-k -> plan -> codes of x -> gate/up (+SiLU)
+    -> codes of the activations -> down [-> shared expert] -> combine
 
 with no host round trip and no allocation once the scratch buffers fit T
 (they grow to the largest T seen).  The launches for each T are captured
 into a CUDA graph after one eager warm-up run and replayed afterwards
 (:mod:`.graph`).
 
-Kernel choice per T: when the average number of tokens per expert
-(``T * K / E``; ``T`` for the shared expert) is at most
-``CUDA_LAUNCH.gemv_max_tokens``, the GEMV kernel (weights read once per
-pass of up to :data:`~numba_moe.cuda.gemm.MAX_TOKENS_PER_PASS` tokens of an
-expert); otherwise the tiled kernel.  The router (E rows) takes the GEMV
-kernel, its passes split over blocks, up to
-``CUDA_LAUNCH.router_gemv_max_tokens`` tokens, and the tiled kernel above.
+Kernel choice per T.  Quantized experts read their inputs as 16-bit codes
+(:mod:`.actquant`): when the average number of tokens per expert (``T * K
+/ E``; ``T`` for the shared expert) is at most
+``CUDA_LAUNCH.gemv_max_tokens``, the integer GEMV (:mod:`.qgemv`, weights
+read once per pass of up to :data:`~numba_moe.cuda.gemm.MAX_TOKENS_PER_PASS`
+tokens of an expert); otherwise the tensor-core kernel (:mod:`.mma`).
+Dense (float32) experts take the float GEMV and the SIMT tiled kernel of
+:mod:`.gemm` instead.  The router (dense, E rows) runs one block per row up
+to ``CUDA_LAUNCH.router_block_max_tokens`` tokens (:mod:`.router`), the
+float GEMV up to ``CUDA_LAUNCH.router_gemv_max_tokens``, the tiled kernel
+above.
 """
 from __future__ import annotations
 
