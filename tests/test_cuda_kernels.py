@@ -298,6 +298,22 @@ def test_gemm_matches_reference(qtype, kernel, gate_up, nt, monkeypatch):
     _check_gemm(qtype, kernel, gate_up, 3, 12, 256, 3, 2, seed=int(qtype), nt=nt)
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+def test_gemm_float_kernels_without_integer_units(kernel, monkeypatch):
+    # a GPU without dp4a / integer mma runs quantized weights on the float kernels
+    import numba_moe.cuda.matmul as matmul
+
+    monkeypatch.setattr(matmul, "integer_kernels", lambda: (False, False))
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_shared_bytes", 1024)
+    rng = np.random.default_rng(21)
+    g = _random_tensor(Q.Q8_0, 2, 8, 64, rng, "gate")
+    u = _random_tensor(Q.Q8_0, 2, 8, 64, rng, "up")
+    ids = np.array([[0, 1], [1, 0]], np.int32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = expert_gemm(g, x, ids, up=u, kernel=kernel, out=_poison((4, 8), np.float32))
+    assert _rel(got.copy_to_host(), _gemm_reference(g, u, x, ids)) < FLOAT_TOL
+
+
 @gpu_only
 @pytest.mark.cuda
 @pytest.mark.filterwarnings("ignore:.*(no native kernel|dequantiz)")

@@ -312,8 +312,8 @@ class CudaMoE:
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
                        router_small, splits, nt_tok)
 
-        x_codes = uses_codes(self.gate) or (self.shared is not None
-                                            and uses_codes(self.shared[0]))
+        x_codes = uses_codes(self.gate, small) or (self.shared is not None
+                                                   and uses_codes(self.shared[0], shared_small))
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
@@ -330,7 +330,7 @@ class CudaMoE:
                        routed_splits, nt, b.x_codes)
 
         def gemm2():
-            if uses_codes(self.down):
+            if uses_codes(self.down, small):
                 launch_quantize(b.act, p * self.inter, *b.act_codes, s)
             self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small,
                        routed_splits, nt, b.act_codes)
@@ -339,7 +339,7 @@ class CudaMoE:
             sg, su, sd = self.shared
             self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, shared_small,
                        splits, nt_tok, b.x_codes)
-            if uses_codes(sd):
+            if uses_codes(sd, shared_small):
                 launch_quantize(b.sh_act, n_tok * sg.rows, *b.sh_act_codes, s)
             self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows,
                        shared_small, splits, nt_tok, b.sh_act_codes)

@@ -10,19 +10,32 @@ from ..experts import ExpertTensor
 from .actquant import launch_quantize, quantized_sizes
 from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
 from .gemm import tokens_per_pass as tokens_per_pass_for
-from .plan import DevicePlan, plan_capacity, plan_device
 from .mma import mma_kernel, mma_layout
+from .plan import DevicePlan, plan_capacity, plan_device
+from .primitives import SIMULATOR
 from .qgemv import qgemv_kernel
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
-__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes"]
+__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes", "integer_kernels"]
 
 
-def uses_codes(w: DeviceWeights) -> bool:
+def integer_kernels():
+    """``(gemv, mma)``: whether this device runs the integer GEMV (``dp4a``,
+    compute capability 6.1+) and the tensor-core kernel (integer
+    ``mma.m16n8k16``, 8.0+).  Without them quantized weights take the float
+    kernels of :mod:`.gemm`.  Always both under the simulator (it runs their
+    twins)."""
+    if SIMULATOR:
+        return True, True
+    cc = tuple(cuda.get_current_device().compute_capability)
+    return cc >= (6, 1), cc >= (8, 0)
+
+
+def uses_codes(w: DeviceWeights, small: bool) -> bool:
     """Whether :func:`launch_expert_gemm` reads the activations of ``w`` as
-    codes (:mod:`.actquant`): quantized weights, on the integer GEMV or the
-    tensor-core kernel; dense weights take float32 rows."""
-    return w.info.codes4 is not None
+    codes (:mod:`.actquant`): quantized weights on the integer GEMV
+    (``small``) or the tensor-core kernel, where the device has them."""
+    return w.info.codes4 is not None and integer_kernels()[0 if small else 1]
 
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
@@ -61,12 +74,13 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         segw, warps, row_blocks, tile, shared = gemv_layout(
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
             CUDA_LAUNCH.gemv_shared_bytes, token_splits)
-    if uses_codes(w) and small:
+    codes_path = uses_codes(w, small)
+    if codes_path and small:
         kern = qgemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, *codes, num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
-    elif uses_codes(w):
+    elif codes_path:
         kern = mma_kernel(w.info, gate_up, CUDA_LAUNCH.tile_m)
         threads, n_blocks = mma_layout(w.rows)
         kern[(m_blocks, n_blocks), threads, stream](
@@ -154,7 +168,7 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
         nt = tokens_per_pass or tokens_per_pass_for(p / min(w.num_experts, p))
         flat = d_x.reshape(d_x.size)
         codes = None
-        if uses_codes(w):
+        if uses_codes(w, kernel == "gemv"):
             nq, na = quantized_sizes(d_x.size)
             codes = (cuda.device_array(nq, np.uint32, stream=stream),
                      cuda.device_array(na, np.float32, stream=stream))
