@@ -20,6 +20,9 @@ machine other processes are using are meaningless (the parallel kernels
 wait for a free core); run it on an idle one::
 
     python benchmarks/bench_cpu.py [--tokens 1 4 16 64 512] [--reps 20] [--no-numpy]
+
+``NUMBA_MOE_SIMD=0`` times the portable kernels on an AVX-512 host
+(:mod:`numba_moe.cpu.simd`).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import numba_moe as nm
 from numba_moe import config, profile
 from numba_moe.bench import QWEN3_30B_A3B, bench_rows, stream_bandwidth
 from numba_moe.cpu.gemm import _down_kernel, _gate_up_kernel
+from numba_moe.cpu.simd import simd_flag
 
 # llama.cpp MUL_MAT_ID, same layer and machine kind, 2 threads (ms per layer).
 LLAMA_CPP_MS = {1: 1.60, 4: 7.3, 16: 51.6, 64: 158.0, 512: 446.0}
@@ -73,7 +77,8 @@ def main(argv=None):
         cached = any(k.stats.cache_hits for k in (_gate_up_kernel, _down_kernel))
         print(f"numba {numba.__version__}, {numba.get_num_threads()} threads "
               f"({numba.threading_layer()}); first call {first:.1f} s "
-              f"({'kernels loaded from the cache' if cached else 'Numba compile'})")
+              f"({'kernels loaded from the cache' if cached else 'Numba compile'}); "
+              f"{'AVX-512' if simd_flag() else 'portable'} CPU kernels")
 
         bw = stream_bandwidth()
         print(f"streaming read bandwidth: {bw / 1e9:.1f} GB/s")

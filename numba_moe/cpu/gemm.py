@@ -29,10 +29,12 @@ Experts with few tokens skip the decode buffer (:func:`_direct`).  On
 AVX-512 hosts, Q4_K and Q6_K rows go through the explicit-vector dots of
 :mod:`numba_moe.cpu.simd`: straight from the blocks for experts with at most
 :data:`DIRECT_MAX_TOKENS` tokens, decode + dot for the others, both rounding
-identically (measured on the CI machine against the portable kernels, whole
-forward: T=1 0.6x, T=4 0.5x, T=16 0.6x, T=64 0.85x, T=512 0.9x).  The
-portable kernels take the direct form for Q4_K in one-token forwards only
-(:mod:`numba_moe.cpu.blockdot`).
+identically; decoded rows go two rows times two tokens at a time.  Whole
+forward on the CI machine (``benchmarks/bench_cpu.py``, Qwen3-30B-A3B
+layer, against the portable kernels of the previous release): T=1 1.8 ->
+1.2 ms, T=4 7.9 -> 4.6, T=16 25.7 -> 17.9, T=64 70 -> 57, T=512 415 -> 256.
+The portable kernels take the direct form for Q4_K in one-token forwards
+only (:mod:`numba_moe.cpu.blockdot`).
 
 Types without a native decoder (F32, F16, Q4_0, ...) take the dense path:
 ``ExpertTensor.dense()`` float32 rows dotted with the float32 activations

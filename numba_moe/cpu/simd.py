@@ -180,6 +180,7 @@ def _accumulate(builder, f, d, ad, acc, dmins=None, amb=None):
 # (two 2048-value rows).  Its rows stream from memory, but at ~100
 # instructions per 144-byte block the out-of-order window holds too few
 # loads to keep the memory busy; gate and up rows interleave, two streams.
+# An x86 prefetch never faults, so running past the tensor's end is harmless.
 _Q4_K_PREFETCH = 2304
 
 
