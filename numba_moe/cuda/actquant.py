@@ -7,15 +7,16 @@ bound by unpacking.  Eight-bit activations would cost about 1e-2 of
 relative error; so each activation gets a 16-bit code split over two
 signed bytes, and the GEMV runs ``dp4a`` twice (``256 * hi + lo``).
 
-Every 16 consecutive columns (a *group*; the weight segments of every
-quantized type lie inside one group) share a scale::
+Every 32 consecutive columns share a scale (so that the tensor-core kernel
+can take 32 columns per ``mma``)::
 
-    d = max|x[16g : 16g + 16]| / 32639
+    d = max|x[32h : 32h + 32]| / 32639
     q = rint(x / d)                    in [-32639, 32639]
     q = 256 * hi + lo                  hi, lo signed bytes, lo in [-128, 127]
 
-so ``|x - d q| <= d / 2``: about 1.5e-5 of the group's largest value.
-Group ``g`` of a row is stored as::
+so ``|x - d q| <= d / 2``: about 1.5e-5 of the largest of the 32 values.
+They are stored by *groups* of 16 columns (the weight segments of every
+quantized type lie inside one group); group ``g`` of a row is::
 
     xq uint32 [8]:   words 0..3  hi bytes of columns 16g + 4w + i (byte i of word w)
                      words 4..7  lo bytes, same order
@@ -42,8 +43,7 @@ from numba import cuda, float32, int32, int64, uint32
 
 from .primitives import load4
 
-__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "quantize_group", "launch_quantize",
-           "quantize_reference"]
+__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "launch_quantize", "quantize_reference"]
 
 #: Columns per activation group.
 GROUP = 16
@@ -60,18 +60,26 @@ def quantized_sizes(values: int):
 
 
 @cuda.jit(device=True)
-def quantize_group(x, i, xq, xa):
-    """Quantize group ``i`` of the flat ``x`` into ``xq``, ``xa`` (layout above)."""
+def _amax16(x, base):
+    """max |x[base : base + 16]|; NaN if one of them is NaN."""
+    amax = float32(0)
+    for k in range(4):
+        v0, v1, v2, v3 = load4(x, base + 4 * k)
+        for v in (v0, v1, v2, v3):
+            a = abs(v)
+            # a NaN sticks: nothing compares greater than it
+            if a > amax or a != a:
+                amax = a
+    return amax
+
+
+@cuda.jit(device=True)
+def _quantize_group(x, i, amax, xq, xa):
+    """Quantize group ``i`` of the flat ``x`` with scale ``amax / CODE_MAX``."""
     base = int64(i) * 16
     v = cuda.local.array(16, float32)
     for k in range(4):
         v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3] = load4(x, base + 4 * k)
-    amax = float32(0)
-    for k in range(16):
-        a = abs(v[k])
-        # a NaN sticks: nothing compares greater than it
-        if a > amax or a != a:
-            amax = a
     usable = amax > 0 and amax < math.inf
     inv = float32(CODE_MAX) / amax if usable else float32(0)
     d = amax / float32(CODE_MAX) if usable else amax
@@ -115,21 +123,25 @@ def quantize_group(x, i, xq, xa):
 
 
 @cuda.jit
-def _quantize_kernel(x, n_groups, xq, xa):
-    """Thread ``i`` quantizes group ``i`` of the flat ``x``."""
+def _quantize_kernel(x, n_pairs, xq, xa):
+    """Thread ``i`` quantizes groups ``2i`` and ``2i + 1`` of the flat ``x``."""
     i = cuda.grid(1)
-    if i < n_groups:
-        quantize_group(x, i, xq, xa)
+    if i < n_pairs:
+        a0 = _amax16(x, int64(i) * 32)
+        a1 = _amax16(x, int64(i) * 32 + 16)
+        amax = a0 if (a0 > a1 or a0 != a0) else a1
+        _quantize_group(x, 2 * i, amax, xq, xa)
+        _quantize_group(x, 2 * i + 1, amax, xq, xa)
 
 
 def launch_quantize(x, values: int, xq, xa, stream) -> None:
     """Quantize the first ``values`` activations of the flat device array
-    ``x`` (float32, a multiple of :data:`GROUP`, 16-byte aligned) into
-    ``xq`` (uint32) and ``xa`` (float32) of :func:`quantized_sizes`; no
-    checks, no allocation."""
-    n_groups = values // GROUP
-    if n_groups:
-        _quantize_kernel[-(-n_groups // _THREADS), _THREADS, stream](x, n_groups, xq, xa)
+    ``x`` (float32, a multiple of 32, 16-byte aligned) into ``xq`` (uint32)
+    and ``xa`` (float32) of :func:`quantized_sizes`; no checks, no
+    allocation."""
+    n_pairs = values // 32
+    if n_pairs:
+        _quantize_kernel[-(-n_pairs // _THREADS), _THREADS, stream](x, n_pairs, xq, xa)
 
 
 def quantize_reference(x: np.ndarray):
@@ -137,7 +149,7 @@ def quantize_reference(x: np.ndarray):
 
     Parameters
     ----------
-    x : float32 [n * GROUP], finite
+    x : float32 [n * GROUP], finite, ``n`` even
 
     Returns
     -------
@@ -145,7 +157,7 @@ def quantize_reference(x: np.ndarray):
         ``x ~= d[g] * q`` on group ``g``.
     """
     g = x.reshape(-1, GROUP)
-    amax = np.abs(g).max(axis=1)
+    amax = np.abs(x).reshape(-1, 2 * GROUP).max(axis=1).repeat(2)
     inv = np.where(amax > 0, np.float32(CODE_MAX) / np.where(amax > 0, amax, 1), 0)
     q = np.floor(g * inv[:, None].astype(np.float32) + np.float32(0.5)).astype(np.int32)
     return np.clip(q, -CODE_MAX, CODE_MAX).reshape(-1), (amax / np.float32(CODE_MAX)).astype(

@@ -28,7 +28,10 @@ The tensor-core kernel (:mod:`.mma`) walks a row in *steps* of 16 columns
 ``i`` of a quad needs columns ``16 ks + 4i .. 16 ks + 4i + 3``:
 
 * ``kstep(wa, wb, wc, wd, row, ks, nb, i) -> (word, a, b)``: those four
-  codes (as ``codes4``) and the step's affine terms.
+  codes (as ``codes4``) and the step's affine terms;
+* ``kstep32(wa, wb, wc, wd, row, kt, nb, i) -> (word, word_hi, a, b)``: the
+  same for steps of 32 columns (types whose scales span 32): the codes of
+  columns ``32 kt + 4i ..`` and ``32 kt + 16 + 4i ..``.
 
 ``unpack`` and ``decode`` (fetch + unpack) fill a whole chunk into a local
 array ``q`` for the tiled kernel; the GEMV kernel dequantizes four values at
@@ -62,8 +65,9 @@ class QInfo(NamedTuple):
         Values per storage block (``nb = cols // block_values``).
     fetch, affine, values4, unpack, decode, seg_col : CUDA device functions
         See the module docstring.
-    codes4, kstep : CUDA device functions or None
-        See the module docstring; None for dense float32 weights.
+    codes4, kstep, kstep32 : CUDA device functions or None
+        See the module docstring; None for dense float32 weights
+        (``kstep32`` also for Q6_K, whose scales span 16 columns).
     codes_center : int
         The middle of the code range (8 for Q4_K's 0..15, 32 for Q6_K, 0 for
         signed Q8_0): the GEMV's rounding error is that of ``code - center``.
@@ -90,6 +94,7 @@ class QInfo(NamedTuple):
     codes_center: int
     codes_offset: bool
     kstep: Optional[Callable]
+    kstep32: Optional[Callable]
 
 
 # Small integers become float32 without the quarter-rate integer-to-float
@@ -250,6 +255,18 @@ def q4k_kstep(wa, wb, wc, wd, row, ks, nb, i):
 
 
 @device_inline
+def q4k_kstep32(wa, wb, wc, wd, row, kt, nb, i):
+    # sub-block sb = kt & 7: the low (even sb) or high nibbles of the 32 bytes of group sb >> 1
+    blk = row * nb + (kt >> 3)
+    sb = kt & 7
+    h0, h1, h2, h3 = load4(wa, blk * 36)
+    o = blk * 36 + 4 + 8 * (sb >> 1) + i
+    a, b = _kq_sub_affine(h0, h1, h2, h3, sb)
+    sh = uint32(4 * (sb & 1))
+    return (wa[o] >> sh) & _B4, (wa[o + 4] >> sh) & _B4, a, b
+
+
+@device_inline
 def q5k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
     c = chunk & 7
@@ -305,6 +322,21 @@ def q5k_kstep(wa, wb, wc, wd, row, ks, nb, i):
     a, b = _kq_sub_affine(h0, h1, h2, h3, sb)
     codes = ((word >> uint32(4 * (sb & 1))) & _B4) | (((qh >> uint32(sb)) & _B1) << uint32(4))
     return codes, a, b
+
+
+@device_inline
+def q5k_kstep32(wa, wb, wc, wd, row, kt, nb, i):
+    blk = row * nb + (kt >> 3)
+    sb = kt & 7
+    h0, h1, h2, h3 = load4(wa, blk * 44)
+    o = blk * 44 + 12 + 8 * (sb >> 1) + i
+    e = blk * 44 + 4 + i
+    a, b = _kq_sub_affine(h0, h1, h2, h3, sb)
+    sh = uint32(4 * (sb & 1))
+    bit = uint32(sb)
+    lo = ((wa[o] >> sh) & _B4) | (((wa[e] >> bit) & _B1) << uint32(4))
+    hi = ((wa[o + 4] >> sh) & _B4) | (((wa[e + 4] >> bit) & _B1) << uint32(4))
+    return lo, hi, a, b
 
 
 @device_inline
@@ -458,6 +490,12 @@ def q80_kstep(wa, wb, wc, wd, row, ks, nb, i):
     return wa[blk * 8 + 4 * (ks & 1) + i], float32(wd[blk]), float32(0)
 
 
+@device_inline
+def q80_kstep32(wa, wb, wc, wd, row, kt, nb, i):
+    blk = row * nb + kt
+    return wa[blk * 8 + i], wa[blk * 8 + 4 + i], float32(wd[blk]), float32(0)
+
+
 # ----------------------------------------------------------------------- F32
 #
 # Dense float32 rows (wa), for the router and for types without a decoder;
@@ -513,22 +551,22 @@ def _decoder(fetch, unpack):
 
 
 def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset,
-          codes4=None, codes_center=0, codes_offset=False, kstep=None):
+          codes4=None, codes_center=0, codes_offset=False, kstep=None, kstep32=None):
     unpack = _unpacker(affine, values4, nseg, seglen)
     return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
                  _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center,
-                 codes_offset, kstep)
+                 codes_offset, kstep, kstep32)
 
 
 #: Decoder table, by the type the device arrays hold.
 QINFO = {
     Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col, True,
-                  q4k_codes4, 8, True, q4k_kstep),
+                  q4k_codes4, 8, True, q4k_kstep, q4k_kstep32),
     Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True,
-                  q5k_codes4, 16, True, q5k_kstep),
+                  q5k_codes4, 16, True, q5k_kstep, q5k_kstep32),
     Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True,
                   q6k_codes4, 32, True, q6k_kstep),
     Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False,
-                  q80_codes4, kstep=q80_kstep),
+                  q80_codes4, kstep=q80_kstep, kstep32=q80_kstep32),
     F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),
 }

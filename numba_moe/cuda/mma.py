@@ -33,7 +33,7 @@ from numba import cuda, float32, int32, int64, uint32
 
 from .decoders import QInfo
 from .primitives import kernel as kernel_jit
-from .primitives import load4, mma_s8, shared_load4, silu
+from .primitives import load4, mma_s8, mma_s8_k32, shared_load4, silu
 
 __all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout"]
 
@@ -79,8 +79,11 @@ def mma_layout(rows: int):
     return 32 * WARPS, -(-rows // ROWS)
 
 
-def _source(tile_m: int, gate_up: bool, center: int) -> str:
-    """Python source of the kernel, its token tiles and accumulators written out."""
+def _source(tile_m: int, gate_up: bool, center: int, wide: bool) -> str:
+    """Python source of the kernel, its token tiles and accumulators written out.
+
+    ``wide``: steps of 32 columns (``kstep32``, ``mma.m16n8k32``; the
+    activation scale is shared by 32 columns), else of 16."""
     ntiles = tile_m // 8
     halves = range(2 if gate_up else 1)
     lines = []
@@ -120,8 +123,12 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
     fetch = [("00", "wa, wb, wc, wd", "row0"), ("01", "wa, wb, wc, wd", "row1")]
     if gate_up:
         fetch += [("10", "va, vb, vc, vd", "row0"), ("11", "va, vb, vc, vd", "row1")]
+    # wide steps: the weight codes of columns 16..31 of the step in v*
+    dec = "nw{0}, nv{0}, na{0}, nb{0} = kstep32" if wide else "nw{0}, na{0}, nb{0} = kstep"
+    cur = "w{0}, v{0}, a{0}, b{0} = nw{0}, nv{0}, na{0}, nb{0}" if wide \
+        else "w{0}, a{0}, b{0} = nw{0}, na{0}, nb{0}"
     for name, planes, row in fetch:
-        emit(f"    nw{name}, na{name}, nb{name} = kstep({planes}, {row}, 0, nb, i)")
+        emit(f"    {dec.format(name)}({planes}, {row}, 0, nb, i)")
     emit(f"""    xs = cuda.shared.array({tile_m * XS}, uint32)
     as_ = cuda.shared.array({tile_m * AS}, float32)
     for ks0 in range(0, n_steps, {STAGE}):
@@ -148,12 +155,12 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
                 as_[o + 2] = f2
                 as_[o + 3] = f3
         cuda.syncthreads()
-        for kss in range(se):
+        for kss in range(0, se, {2 if wide else 1}):
             ks = ks0 + kss
-            kn = min(ks + 1, n_steps - 1)""")
+            kn = {"min((ks >> 1) + 1, (n_steps >> 1) - 1)" if wide else "min(ks + 1, n_steps - 1)"}""")
     for name, planes, row in fetch:
-        emit(f"            w{name}, a{name}, b{name} = nw{name}, na{name}, nb{name}")
-        emit(f"            nw{name}, na{name}, nb{name} = kstep({planes}, {row}, kn, nb, i)")
+        emit(f"            {cur.format(name)}")
+        emit(f"            {dec.format(name)}({planes}, {row}, kn, nb, i)")
     ind = " " * 12
     # per step: base offsets of this lane's B codes and scale terms (tile n adds a constant)
     emit(f"{ind}xb = g * {XS} + kss * 8 + i")
@@ -161,15 +168,29 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
     for name, _, _ in fetch:
         emit(f"{ind}m{name} = -b{name}")
     for n in range(ntiles):
-        emit(f"""{ind}hb = xs[xb + {8 * n * XS}]
-{ind}lb = xs[xb + {8 * n * XS + 4}]
-{ind}d0, s0, q0, _ = shared_load4(as_, ab + {8 * n * AS})
-{ind}d1, s1, q1, _ = shared_load4(as_, ab + {(8 * n + 1) * AS})""")
+        tx, ta = 8 * n * XS, 8 * n * AS
+        emit(f"{ind}hb = xs[xb + {tx}]")
+        emit(f"{ind}lb = xs[xb + {tx + 4}]")
+        for tok in (0, 1):
+            emit(f"{ind}d{tok}, s{tok}, q{tok}, _ = shared_load4(as_, ab + {ta + tok * AS})")
+        if wide:
+            # the step's second group: its codes, and its sums added to the first's
+            emit(f"{ind}hb2 = xs[xb + {tx + 8}]")
+            emit(f"{ind}lb2 = xs[xb + {tx + 12}]")
+            for tok in (0, 1):
+                emit(f"{ind}_, s2, q2, _ = shared_load4(as_, ab + {ta + tok * AS + 4})")
+                emit(f"{ind}s{tok} += s2")
+                emit(f"{ind}q{tok} += q2")
         if center:
             emit(f"{ind}q0 *= float32({center})")
             emit(f"{ind}q1 *= float32({center})")
         for h in halves:
-            emit(f"""{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, hb, 0, 0, 0, 0)
+            if wide:
+                emit(f"""{ind}t0, t1, t2, t3 = mma_s8_k32(w{h}0, w{h}1, v{h}0, v{h}1, hb, hb2, 0, 0, 0, 0)
+{ind}t0, t1, t2, t3 = mma_s8_k32(w{h}0, w{h}1, v{h}0, v{h}1, lb, lb2,
+{ind}                            t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
+            else:
+                emit(f"""{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, hb, 0, 0, 0, 0)
 {ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, lb, t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
             for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
                 # a (d t + c r) - b s as three fused multiply-adds
@@ -186,8 +207,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
 
 
 def _make(qi: QInfo, gate_up: bool, tile_m: int, min_blocks: int):
-    src = _source(tile_m, gate_up, qi.codes_center)
+    src = _source(tile_m, gate_up, qi.codes_center, qi.kstep32 is not None)
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
-              kstep=qi.kstep, load4=load4, shared_load4=shared_load4, mma_s8=mma_s8, silu=silu)
+              kstep=qi.kstep, kstep32=qi.kstep32, load4=load4, shared_load4=shared_load4,
+              mma_s8=mma_s8, mma_s8_k32=mma_s8_k32, silu=silu)
     exec(compile(src, f"<mma {qi.qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
     return kernel_jit(launch_bounds=(32 * WARPS, min_blocks))(ns["kernel"])

@@ -20,7 +20,7 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
-           "dp4a", "mma_s8", "silu", "block_exclusive_scan", "next_pow2"]
+           "dp4a", "mma_s8", "mma_s8_k32", "silu", "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -223,6 +223,32 @@ if not SIMULATOR:
 
         return sig, codegen
 
+    @intrinsic
+    def mma_s8_k32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """As :func:`mma_s8` with ``mma.sync.m16n8k32``: ``A`` 16x32, ``B`` 32x8.
+
+        Lane ``(g, i)`` holds ``A[g, 4i:4i+4]`` (``a0``), ``A[g+8, 4i:4i+4]``
+        (``a1``), ``A[g, 16+4i:20+4i]`` (``a2``), ``A[g+8, 16+4i:20+4i]``
+        (``a3``), ``B[4i:4i+4, g]`` (``b0``), ``B[16+4i:20+4i, g]`` (``b1``).
+        """
+        args_t = (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+        if not all(isinstance(t, types.Integer) for t in args_t):
+            return None
+        sig = types.UniTuple(types.int32, 4)(*args_t)
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 10)
+            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+                               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+                               "{$10, $11, $12, $13};",
+                               "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r")
+            res = builder.call(asm, [_as_i32(builder, v) for v in args])
+            vals = [builder.extract_value(res, k) for k in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
     @device_inline
     def seg_sum(v, width):
         """Sum of ``v`` over each aligned group of ``width`` lanes (a power of
@@ -267,6 +293,39 @@ if not SIMULATOR:
         cuda.syncwarp(_FULL)
 
 else:
+    import sys
+    import threading
+    import traceback
+
+    from numba.cuda.simulator import kernelapi as _kernelapi
+    from numba.np import numpy_support
+
+    _SHARED_ARRAY = _kernelapi.FakeCUDAShared.array
+    _ALLOC_LOCK = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """``cuda.shared.array`` of the simulator without its allocation race.
+
+        numba-cuda's simulator keys a block's static shared arrays by the
+        calling line and creates one on first use with an unguarded
+        check-then-store, so two threads of a block reaching a line first at
+        the same moment can get different arrays (seen as rare wrong results
+        of the tensor-core kernel's twin under load).  Same keying, under a
+        lock; dynamic shared memory (``shape == 0``) is one buffer already.
+        """
+        if shape == 0 or alignment is not None:
+            return _SHARED_ARRAY(self, shape, dtype, alignment)
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[0])[0:2]
+        with _ALLOC_LOCK:
+            res = self._allocations.get(caller)
+            if res is None:
+                if isinstance(dtype, types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                res = np.empty(shape, dtype)
+                self._allocations[caller] = res
+        return res
+
+    _kernelapi.FakeCUDAShared.array = _shared_array
 
     def load4(arr, i):
         return arr[i], arr[i + 1], arr[i + 2], arr[i + 3]
@@ -302,6 +361,34 @@ else:
             a[lg, 4 * li:4 * li + 4] = frag[lane, 0]
             a[lg + 8, 4 * li:4 * li + 4] = frag[lane, 1]
             b[4 * li:4 * li + 4, lg] = frag[lane, 2]
+        d = a @ b
+        cuda.syncthreads()
+        return (np.int32(c0 + d[g, 2 * i]), np.int32(c1 + d[g, 2 * i + 1]),
+                np.int32(c2 + d[g + 8, 2 * i]), np.int32(c3 + d[g + 8, 2 * i + 1]))
+
+    @cuda.jit(device=True)
+    def mma_s8_k32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        regs = cuda.shared.array((_MAX_THREADS, 6), np.int64)
+        tid = cuda.threadIdx.x
+        for k, v in enumerate((a0, a1, a2, a3, b0, b1)):
+            regs[tid, k] = int(v) & _FULL
+        cuda.syncthreads()
+        warp = tid - tid % 32
+        g = (tid % 32) >> 2
+        i = tid & 3
+        words = np.array([[regs[warp + lane, k] for k in range(6)] for lane in range(32)],
+                         np.int64)
+        frag = words.astype(np.uint32).view(np.int8).reshape(32, 6, 4)
+        a = np.zeros((16, 32), np.int64)
+        b = np.zeros((32, 8), np.int64)
+        for lane in range(32):
+            lg, li = lane >> 2, lane & 3
+            a[lg, 4 * li:4 * li + 4] = frag[lane, 0]
+            a[lg + 8, 4 * li:4 * li + 4] = frag[lane, 1]
+            a[lg, 16 + 4 * li:20 + 4 * li] = frag[lane, 2]
+            a[lg + 8, 16 + 4 * li:20 + 4 * li] = frag[lane, 3]
+            b[4 * li:4 * li + 4, lg] = frag[lane, 4]
+            b[16 + 4 * li:20 + 4 * li, lg] = frag[lane, 5]
         d = a @ b
         cuda.syncthreads()
         return (np.int32(c0 + d[g, 2 * i]), np.int32(c1 + d[g, 2 * i + 1]),
