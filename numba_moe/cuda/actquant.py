@@ -41,7 +41,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .primitives import load4
+from .primitives import load4, pair_max
 
 __all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "launch_quantize", "quantize_reference"]
 
@@ -123,15 +123,15 @@ def _quantize_group(x, i, amax, xq, xa):
 
 
 @cuda.jit
-def _quantize_kernel(x, n_pairs, xq, xa):
-    """Thread ``i`` quantizes groups ``2i`` and ``2i + 1`` of the flat ``x``."""
+def _quantize_kernel(x, n_groups, xq, xa):
+    """Thread ``i`` quantizes group ``i`` of the flat ``x``; threads ``2k`` and
+    ``2k + 1`` agree on their pair's scale.  Threads past the end redo the
+    last pair (every thread reaches the exchange) and store nothing."""
     i = cuda.grid(1)
-    if i < n_pairs:
-        a0 = _amax16(x, int64(i) * 32)
-        a1 = _amax16(x, int64(i) * 32 + 16)
-        amax = a0 if (a0 > a1 or a0 != a0) else a1
-        _quantize_group(x, 2 * i, amax, xq, xa)
-        _quantize_group(x, 2 * i + 1, amax, xq, xa)
+    g = min(i, n_groups - 2 + (i & 1))
+    amax = pair_max(_amax16(x, int64(g) * 16))
+    if i < n_groups:
+        _quantize_group(x, g, amax, xq, xa)
 
 
 def launch_quantize(x, values: int, xq, xa, stream) -> None:
@@ -139,9 +139,9 @@ def launch_quantize(x, values: int, xq, xa, stream) -> None:
     ``x`` (float32, a multiple of 32, 16-byte aligned) into ``xq`` (uint32)
     and ``xa`` (float32) of :func:`quantized_sizes`; no checks, no
     allocation."""
-    n_pairs = values // 32
-    if n_pairs:
-        _quantize_kernel[-(-n_pairs // _THREADS), _THREADS, stream](x, n_pairs, xq, xa)
+    n_groups = values // GROUP
+    if n_groups:
+        _quantize_kernel[-(-n_groups // _THREADS), _THREADS, stream](x, n_groups, xq, xa)
 
 
 def quantize_reference(x: np.ndarray):

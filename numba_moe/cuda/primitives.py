@@ -20,7 +20,7 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
-           "dp4a", "mma_s8", "mma_s8_k32", "silu", "block_exclusive_scan", "next_pow2"]
+           "dp4a", "mma_s8", "mma_s8_k32", "pair_max", "silu", "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -260,6 +260,13 @@ if not SIMULATOR:
         return v
 
     @device_inline
+    def pair_max(v):
+        """The larger of ``v`` in lanes ``2k`` and ``2k + 1`` (NaN if either is
+        NaN), in both."""
+        o = cuda.shfl_xor_sync(_FULL, v, 1)
+        return o if (o > v or o != o) else v
+
+    @device_inline
     def warp_sum64(v):
         """float64 sum over the warp, in every lane."""
         for off in (16, 8, 4, 2, 1):
@@ -413,6 +420,16 @@ else:
             s += buf[base + k]
         cuda.syncthreads()
         return s
+
+    @cuda.jit(device=True)
+    def pair_max(v):
+        buf = cuda.shared.array(_MAX_THREADS, float32)
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        o = buf[tid ^ 1]
+        cuda.syncthreads()
+        return o if (o > v or o != o) else v
 
     @cuda.jit(device=True)
     def warp_sum64(v):
