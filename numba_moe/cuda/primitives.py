@@ -348,32 +348,6 @@ else:
         return np.int32(np.int64(c) + bytes_a @ bytes_b)
 
     @cuda.jit(device=True)
-    def mma_s8(a0, a1, b0, c0, c1, c2, c3):
-        regs = cuda.shared.array((_MAX_THREADS, 3), np.int64)
-        tid = cuda.threadIdx.x
-        regs[tid, 0] = int(a0) & _FULL
-        regs[tid, 1] = int(a1) & _FULL
-        regs[tid, 2] = int(b0) & _FULL
-        cuda.syncthreads()
-        warp = tid - tid % 32
-        g = (tid % 32) >> 2
-        i = tid & 3
-        words = np.array([[regs[warp + lane, k] for k in range(3)] for lane in range(32)],
-                         np.int64)
-        frag = words.astype(np.uint32).view(np.int8).reshape(32, 3, 4)
-        a = np.zeros((16, 16), np.int64)
-        b = np.zeros((16, 8), np.int64)
-        for lane in range(32):
-            lg, li = lane >> 2, lane & 3
-            a[lg, 4 * li:4 * li + 4] = frag[lane, 0]
-            a[lg + 8, 4 * li:4 * li + 4] = frag[lane, 1]
-            b[4 * li:4 * li + 4, lg] = frag[lane, 2]
-        d = a @ b
-        cuda.syncthreads()
-        return (np.int32(c0 + d[g, 2 * i]), np.int32(c1 + d[g, 2 * i + 1]),
-                np.int32(c2 + d[g + 8, 2 * i]), np.int32(c3 + d[g + 8, 2 * i + 1]))
-
-    @cuda.jit(device=True)
     def mma_s8_k32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         regs = cuda.shared.array((_MAX_THREADS, 6), np.int64)
         tid = cuda.threadIdx.x
@@ -400,6 +374,11 @@ else:
         cuda.syncthreads()
         return (np.int32(c0 + d[g, 2 * i]), np.int32(c1 + d[g, 2 * i + 1]),
                 np.int32(c2 + d[g + 8, 2 * i]), np.int32(c3 + d[g + 8, 2 * i + 1]))
+
+    @cuda.jit(device=True)
+    def mma_s8(a0, a1, b0, c0, c1, c2, c3):
+        # the k=16 product is the k=32 one with the upper 16 columns zero
+        return mma_s8_k32(a0, a1, 0, 0, b0, 0, c0, c1, c2, c3)
 
     def as_f32(u):
         return np.uint32(u).view(np.float32)
