@@ -262,7 +262,7 @@ def _gemm_reference(g, u, x, ids):
 
 
 # The GEMV over quantized weights reads the activations as 16-bit codes
-# (numba_moe.cuda.actquant: each within 1.5e-5 of its group's largest value),
+# (numba_moe.cuda.actquant: each within 1.5e-5 of the largest of its 32),
 # 0.6e-5 to 4.4e-5 of relative error on these outputs (the bound for
 # float math is 1e-4); float arithmetic elsewhere.
 CODES_TOL = 1e-4

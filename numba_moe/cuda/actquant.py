@@ -54,7 +54,7 @@ _THREADS = 128
 
 def quantized_sizes(values: int):
     """``(xq words, xa floats)`` of the quantized form of ``values``
-    activations (a multiple of :data:`GROUP`)."""
+    activations (a multiple of 32)."""
     groups = values // GROUP
     return groups * 8, groups * 12
 

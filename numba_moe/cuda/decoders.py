@@ -71,9 +71,6 @@ class QInfo(NamedTuple):
     codes_center : int
         The middle of the code range (8 for Q4_K's 0..15, 32 for Q6_K, 0 for
         signed Q8_0): the GEMV's rounding error is that of ``code - center``.
-    codes_offset : bool
-        Whether the GEMV over codes needs the ``b_s`` terms (Q6_K's and
-        Q8_0's do not count: see :mod:`.qgemv`).
     has_offset : bool
         Whether the ``b_s`` terms can be nonzero (the GEMV kernel then also
         sums the activations of each segment).
@@ -92,7 +89,6 @@ class QInfo(NamedTuple):
     has_offset: bool
     codes4: Optional[Callable]
     codes_center: int
-    codes_offset: bool
     kstep: Optional[Callable]
     kstep32: Optional[Callable]
 
@@ -551,21 +547,21 @@ def _decoder(fetch, unpack):
 
 
 def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset,
-          codes4=None, codes_center=0, codes_offset=False, kstep=None, kstep32=None):
+          codes4=None, codes_center=0, kstep=None, kstep32=None):
     unpack = _unpacker(affine, values4, nseg, seglen)
     return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
                  _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center,
-                 codes_offset, kstep, kstep32)
+                 kstep, kstep32)
 
 
 #: Decoder table, by the type the device arrays hold.
 QINFO = {
     Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col, True,
-                  q4k_codes4, 8, True, q4k_kstep, q4k_kstep32),
+                  q4k_codes4, 8, q4k_kstep, q4k_kstep32),
     Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True,
-                  q5k_codes4, 16, True, q5k_kstep, q5k_kstep32),
+                  q5k_codes4, 16, q5k_kstep, q5k_kstep32),
     Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True,
-                  q6k_codes4, 32, True, q6k_kstep),
+                  q6k_codes4, 32, q6k_kstep),
     Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False,
                   q80_codes4, kstep=q80_kstep, kstep32=q80_kstep32),
     F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),

@@ -3,10 +3,12 @@
 For many tokens per expert the GEMM is bound by arithmetic, and the SIMT
 tiled kernel of :mod:`.gemm` (float32 FMAs after a float decode) reaches
 about 20 TFLOP/s.  Here the weights stay integer codes (the decoders'
-``kstep``) and the activations are the 16-bit codes of :mod:`.actquant`
-(two signed byte planes), so the products run on the tensor cores
-(``mma.m16n8k16`` on signed bytes, :func:`~.primitives.mma_s8`), one step
-of 16 columns at a time: within a step every weight row has one scale and
+``kstep`` / ``kstep32``) and the activations are the 16-bit codes of :mod:`.actquant`
+(two signed byte planes), so the products run on the tensor cores, one
+*step* at a time: 32 columns (``mma.m16n8k32``,
+:func:`~.primitives.mma_s8_k32`, ``kstep32``) for the types whose scales
+span 32 columns, 16 (``mma.m16n8k16``, :func:`~.primitives.mma_s8`,
+``kstep``) for Q6_K.  Within a step every weight row has one scale and
 offset ``(a, b)`` and every token one code scale ``d`` (with its sums ``s``
 and rounding ``r``), so per output element and step::
 

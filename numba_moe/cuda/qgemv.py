@@ -162,7 +162,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
 
 
 def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
-    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.codes_offset)
+    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset)
     ns = dict(cuda=cuda, float32=float32, int64=int64, fetch=qi.fetch, affine=qi.affine,
               codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2, dp4a=dp4a,
               seg_sum=seg_sum, silu=silu)
