@@ -1,4 +1,5 @@
-"""Activation rows as 16-bit integer codes, for the ``dp4a`` GEMV (:mod:`.qgemv`).
+"""Activation rows as 16-bit integer codes, for the ``dp4a`` GEMV (:mod:`.qgemv`)
+and the tensor-core kernel (:mod:`.mma`).
 
 The GEMV multiplies small integer weight codes with integer activation codes
 four at a time (``dp4a``: four signed byte products and a sum in one
@@ -30,9 +31,9 @@ which halves the error of the integer products, at no integer cost::
 
     sum(w x) ~ d sum(w q) + c r        (exact when the error is spread evenly)
 
-A group with a NaN or infinite value gets all-zero codes and ``d = max|x|``
-(NaN or inf), so the rows it touches come out non-finite, as the float path
-would.
+32 columns holding a NaN or an infinity get all-zero codes and ``d =
+max|x|`` (NaN or inf), so the rows they touch come out non-finite, as the
+float path would.
 """
 from __future__ import annotations
 
