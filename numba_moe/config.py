@@ -144,16 +144,17 @@ class CudaLaunch:
     gemv_warps : int
         Warps per block of the quantized GEMV kernels.
     tile_m, tile_n : int
-        Output tile of the tiled (large-T) grouped GEMM; ``tile_m`` is also
+        Output tile of the tiled (large-T) grouped GEMMs; ``tile_m`` is also
         the block size of the device's ``moe_align_block_size`` layout (one of
-        :data:`BLOCK_SIZES`); ``tile_m`` a multiple of 8 and ``tile_n`` of 4
-        (the per-thread micro-tile of the tiled kernel).
+        :data:`BLOCK_SIZES`) and the tokens of a tensor-core block; ``tile_m``
+        a multiple of 8 and ``tile_n`` of 4 (the per-thread micro-tile of the
+        SIMT tiled kernel for dense weights).
     topk_warps : int
         Tokens (one warp each) per block of the routing kernel.
     gemv_max_tokens : int
         Largest average number of tokens per expert (``T * K / E``; ``T`` for
-        the shared expert) served by the GEMV kernel; above it the tiled
-        kernel runs.
+        the shared expert) served by the GEMV kernels; above it the tiled
+        ones (tensor cores for quantized weights, SIMT for dense).
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
         the tiled kernel runs.
