@@ -307,6 +307,12 @@ def test_gemm_float_kernels_without_integer_units(kernel, monkeypatch):
     import numba_moe.cuda.matmul as matmul
 
     monkeypatch.setattr(matmul, "integer_kernels", lambda: (False, False))
+
+    def refuse(*args):
+        raise AssertionError("integer kernel used on a device without it")
+
+    monkeypatch.setattr(matmul, "qgemv_kernel", refuse)
+    monkeypatch.setattr(matmul, "mma_kernel", refuse)
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_shared_bytes", 1024)
     rng = np.random.default_rng(21)
     g = _random_tensor(Q.Q8_0, 2, 8, 64, rng, "gate")

@@ -35,7 +35,8 @@ from .decoders import QInfo
 from .primitives import load4, seg_sum, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["MAX_TOKENS_PER_PASS", "tokens_per_pass", "gemv_kernel", "gemv_layout",
+__all__ = ["MAX_TOKENS_PER_PASS", "tokens_per_pass", "gemv_kernel", "gemv_layout", "gemv_head",
+           "gemv_store",
            "tiled_kernel", "tiled_layout", "MICRO_M", "MICRO_N"]
 
 #: Most tokens the GEMV kernel serves per pass over an expert's weights.
@@ -109,25 +110,11 @@ def _gemv_source(nseg: int, seglen: int, gate_up: bool, nt: int, has_offset: boo
     lines = []
     emit = lines.append
     second = "va, vb, vc, vd" if gate_up else "wa, wb, wc, wd"
-    emit(f"""
+    emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile_chunks,
-           x, num_slots, active, meta, offsets, packed, out):
-    j = cuda.blockIdx.x
-    if j >= meta[0]:
-        return
-    e = active[j]
-    start = offsets[e]
-    end = min(offsets[e + 1], num_slots)
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    lane = tid & 31
-    lis = lane & (segw - 1)
-    r0 = ((cuda.blockIdx.y * (nthreads >> 5) + (tid >> 5)) * (32 // segw)
-          + lane // segw) * {1 if gate_up else 2}
-    cols = n_chunks * 32
-    # rows past the end read the last row (valid memory) and write nothing
-    row0 = int64(e) * rows + min(r0, rows - 1)
-    row1 = {"row0" if gate_up else "int64(e) * rows + min(r0 + 1, rows - 1)"}
+           x, num_slots, active, meta, offsets, packed, out):""")
+    emit(gemv_head(gate_up))
+    emit(f"""    cols = n_chunks * 32
     xs = cuda.shared.array(0, float32)
     xrow = cuda.shared.array({nt}, int64)
     ab = cuda.local.array(16, float32)
@@ -191,18 +178,49 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile
             else:
                 emit(f"{ind}g{t} += ab[{sg}] * sg{t}\n{ind}u{t} += ab[{8 + sg}] * su{t}")
     emit(f"{ind}c += segw\n{ind}xb += 8 * vstride")
-    for t in toks:
-        emit(f"""        g = seg_sum(g{t}, segw)
+    emit(gemv_store(nt, gate_up))
+    return "\n".join(lines) + "\n"
+
+
+def gemv_head(gate_up: bool) -> str:
+    """Opening lines of a GEMV kernel body (this one and :mod:`.qgemv`'s):
+    the block's expert ``e`` and slot range ``start:end`` (exit when the
+    block has no expert), lane ``lis`` of its row group, the group's output
+    row ``r0`` and the global weight rows ``row0``, ``row1`` it reads."""
+    return f"""    j = cuda.blockIdx.x
+    if j >= meta[0]:
+        return
+    e = active[j]
+    start = offsets[e]
+    end = min(offsets[e + 1], num_slots)
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    lane = tid & 31
+    lis = lane & (segw - 1)
+    r0 = ((cuda.blockIdx.y * (nthreads >> 5) + (tid >> 5)) * (32 // segw)
+          + lane // segw) * {1 if gate_up else 2}
+    # rows past the end read the last row (valid memory) and write nothing
+    row0 = int64(e) * rows + min(r0, rows - 1)
+    row1 = {"row0" if gate_up else "int64(e) * rows + min(r0 + 1, rows - 1)"}"""
+
+
+def gemv_store(nt: int, gate_up: bool) -> str:
+    """Closing lines of a GEMV pass: each token's ``g{t}``, ``u{t}`` summed
+    over the row group and stored by its first lane (``silu(g) * u``, or
+    the two rows)."""
+    lines = []
+    for t in range(nt):
+        lines.append(f"""        g = seg_sum(g{t}, segw)
         u = seg_sum(u{t}, segw)
         slot = pa + {t}
         if slot < end and lis == 0 and r0 < rows:""")
         if gate_up:
-            emit("            out[slot * rows + r0] = silu(g) * u")
+            lines.append("            out[slot * rows + r0] = silu(g) * u")
         else:
-            emit("""            out[slot * rows + r0] = g
+            lines.append("""            out[slot * rows + r0] = g
             if r0 + 1 < rows:
                 out[slot * rows + r0 + 1] = u""")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):

@@ -197,6 +197,34 @@ if not SIMULATOR:
 
         return types.int32(a, b, c), codegen
 
+    def _mma_s8_asm(k: int, n_a: int, n_b: int):
+        """``codegen`` of ``mma.sync.aligned.m16n8k{k}`` on signed bytes: ``n_a``
+        A words, ``n_b`` B words, 4 C words in; 4 D words out."""
+        regs = [f"${r}" for r in range(4 + n_a + n_b + 4)]
+        groups = [regs[:4], regs[4:4 + n_a], regs[4 + n_a:4 + n_a + n_b], regs[4 + n_a + n_b:]]
+        text = (f"mma.sync.aligned.m16n8k{k}.row.col.s32.s8.s8.s32 "
+                + ", ".join("{" + ", ".join(g) + "}" for g in groups) + ";")
+        n_in = n_a + n_b + 4
+        constraints = ",".join(["=r"] * 4 + ["r"] * n_in)
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * n_in)
+            res = builder.call(ir.InlineAsm(fnty, text, constraints),
+                               [_as_i32(builder, v) for v in args])
+            vals = [builder.extract_value(res, r) for r in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return codegen
+
+    _MMA_K16 = _mma_s8_asm(16, 2, 1)
+    _MMA_K32 = _mma_s8_asm(32, 4, 2)
+
+    def _int_words_sig(args):
+        if not all(isinstance(t, types.Integer) for t in args):
+            return None
+        return types.UniTuple(types.int32, 4)(*args)
+
     @intrinsic
     def mma_s8(typingctx, a0, a1, b0, c0, c1, c2, c3):
         """One warp-wide ``mma.sync.m16n8k16`` on signed bytes, int32 accumulate.
@@ -207,21 +235,8 @@ if not SIMULATOR:
         ``[g, 2i]``, ``[g, 2i+1]``, ``[g+8, 2i]``, ``[g+8, 2i+1]``.  Every lane
         of the warp must execute it.
         """
-        if not all(isinstance(t, types.Integer) for t in (a0, a1, b0, c0, c1, c2, c3)):
-            return None
-        sig = types.UniTuple(types.int32, 4)(a0, a1, b0, c0, c1, c2, c3)
-
-        def codegen(context, builder, sig, args):
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 7)
-            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 "
-                               "{$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $8, $9, $10};",
-                               "=r,=r,=r,=r,r,r,r,r,r,r,r")
-            res = builder.call(asm, [_as_i32(builder, v) for v in args])
-            vals = [builder.extract_value(res, k) for k in range(4)]
-            return context.make_tuple(builder, sig.return_type, vals)
-
-        return sig, codegen
+        sig = _int_words_sig((a0, a1, b0, c0, c1, c2, c3))
+        return None if sig is None else (sig, _MMA_K16)
 
     @intrinsic
     def mma_s8_k32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -231,23 +246,8 @@ if not SIMULATOR:
         (``a1``), ``A[g, 16+4i:20+4i]`` (``a2``), ``A[g+8, 16+4i:20+4i]``
         (``a3``), ``B[4i:4i+4, g]`` (``b0``), ``B[16+4i:20+4i, g]`` (``b1``).
         """
-        args_t = (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
-        if not all(isinstance(t, types.Integer) for t in args_t):
-            return None
-        sig = types.UniTuple(types.int32, 4)(*args_t)
-
-        def codegen(context, builder, sig, args):
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 10)
-            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
-                               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-                               "{$10, $11, $12, $13};",
-                               "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r")
-            res = builder.call(asm, [_as_i32(builder, v) for v in args])
-            vals = [builder.extract_value(res, k) for k in range(4)]
-            return context.make_tuple(builder, sig.return_type, vals)
-
-        return sig, codegen
+        sig = _int_words_sig((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
+        return None if sig is None else (sig, _MMA_K32)
 
     @device_inline
     def seg_sum(v, width):

@@ -34,7 +34,7 @@ from __future__ import annotations
 from numba import cuda, float32, int64
 
 from .decoders import QInfo
-from .gemm import GEMV_MAX_THREADS
+from .gemm import GEMV_MAX_THREADS, gemv_head, gemv_store
 from .primitives import dp4a, load2, load4, seg_sum, silu
 from .primitives import kernel as kernel_jit
 
@@ -78,24 +78,11 @@ def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
     lines = []
     emit = lines.append
     second = "va, vb, vc, vd" if gate_up else "wa, wb, wc, wd"
-    emit(f"""
+    emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
-           xq, xa, num_slots, active, meta, offsets, packed, out):
-    j = cuda.blockIdx.x
-    if j >= meta[0]:
-        return
-    e = active[j]
-    start = offsets[e]
-    end = min(offsets[e + 1], num_slots)
-    tid = cuda.threadIdx.x
-    lane = tid & 31
-    lis = lane & (segw - 1)
-    r0 = ((cuda.blockIdx.y * (cuda.blockDim.x >> 5) + (tid >> 5)) * (32 // segw)
-          + lane // segw) * {1 if gate_up else 2}
-    groups = n_chunks * 2
-    # rows past the end read the last row (valid memory) and write nothing
-    row0 = int64(e) * rows + min(r0, rows - 1)
-    row1 = {"row0" if gate_up else "int64(e) * rows + min(r0 + 1, rows - 1)"}
+           xq, xa, num_slots, active, meta, offsets, packed, out):""")
+    emit(gemv_head(gate_up))
+    emit(f"""    groups = n_chunks * 2
     ab = cuda.local.array(16, float32)
     for pa in range(start + cuda.blockIdx.z * {nt}, end, {nt} * cuda.gridDim.z):""")
     for t in toks:
@@ -147,17 +134,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
                 emit(f"{ind}g{t} -= ab[{4 + sg}] * xs")
                 emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
     emit(f"{ind}c += segw")
-    for t in toks:
-        emit(f"""        g = seg_sum(g{t}, segw)
-        u = seg_sum(u{t}, segw)
-        slot = pa + {t}
-        if slot < end and lis == 0 and r0 < rows:""")
-        if gate_up:
-            emit("            out[slot * rows + r0] = silu(g) * u")
-        else:
-            emit("""            out[slot * rows + r0] = g
-            if r0 + 1 < rows:
-                out[slot * rows + r0 + 1] = u""")
+    emit(gemv_store(nt, gate_up))
     return "\n".join(lines) + "\n"
 
 
