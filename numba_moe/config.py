@@ -149,6 +149,10 @@ class CudaLaunch:
         :data:`BLOCK_SIZES`) and the tokens of a tensor-core block; ``tile_m``
         a multiple of 8 and ``tile_n`` of 4 (the per-thread micro-tile of the
         SIMT tiled kernel for dense weights).
+    tile_m_small : int
+        ``tile_m`` of the routed experts' tiled GEMMs while they hold at most
+        ``tile_m`` tokens each on average (``T * K / E``): fewer padded
+        tokens, more blocks (capped at ``tile_m``; one of :data:`BLOCK_SIZES`).
     topk_warps : int
         Tokens (one warp each) per block of the routing kernel.
     gemv_max_tokens : int
@@ -195,6 +199,7 @@ class CudaLaunch:
     gemv_warps: int = 4
     tile_m: int = 64
     tile_n: int = 64
+    tile_m_small: int = 32
     topk_warps: int = 4
     gemv_max_tokens: int = 16
     router_gemv_max_tokens: int = 2048

@@ -1,8 +1,9 @@
 """``layer(x, device="cuda")`` against the float64 reference.
 
 Simulator runs use Q8_0 layers of width 64 (every kernel, small enough for
-simulated threads); the k-quant layers, CUDA graphs, growing batches and
-foreign device arrays run on a real GPU only.
+simulated threads) and one 256-wide Q4_K / Q6_K layer on the tiled path; the
+larger k-quant layers, CUDA graphs, growing batches and foreign device arrays
+run on a real GPU only.
 """
 import cuda_backend  # noqa: F401  (must precede numba.cuda)
 import numpy as np
@@ -53,6 +54,16 @@ def test_forward_matches_reference(make_model, name, kernel, monkeypatch):
     if kernel == "tiled":
         monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens", 0)
     _check_forward(_layer(make_model, name, **ARCHS[name]), 3, seed=len(name))
+
+
+def test_forward_kquants_tiled(make_model, monkeypatch):
+    # Q4_K / Q6_K on the tiled path take the fp16 tensor-core kernel (its
+    # simulator twin here), 256-wide rows
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens", 0)
+    layer = _layer(make_model, "kq_tiled", arch="qwen3moe", hidden_size=256,
+                   expert_intermediate=256, num_experts=4, top_k=2,
+                   gate_type="Q4_K", up_type="Q4_K", down_type="Q6_K", init="random_blocks")
+    _check_forward(layer, 3, seed=9)
 
 
 def test_forward_device_input_stays_on_device(make_model):

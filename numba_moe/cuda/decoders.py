@@ -121,7 +121,7 @@ def _sbyte_f(w, shift):
 
 
 @device_inline
-def _sbyte(w, shift):
+def sbyte(w, shift):
     """Signed byte of the word ``w`` at bit ``shift``, as int32."""
     b = int32((w >> shift) & _U8)
     return b - ((b & 0x80) << 1)
@@ -197,9 +197,9 @@ def _kq_affine(h0, h1, h2, h3, j, ab, abo):
 
 
 @device_inline
-def _kq_sub_affine(h0, h1, h2, h3, sb):
-    """``(d * scale, dmin * min)`` of sub-block ``sb`` (0..7), as :func:`_kq_affine`."""
-    d, dmin = half2_f32(h0)
+def kq_scale_min(h1, h2, h3, sb):
+    """6-bit ``(scale, min)`` of sub-block ``sb`` (0..7) of a Q4_K / Q5_K block
+    from its header words 1..3, as uint32."""
     m6 = uint32(0x3F3F3F3F)
     m4 = uint32(0x0F0F0F0F)
     m2 = uint32(0x03030303)
@@ -207,7 +207,15 @@ def _kq_sub_affine(h0, h1, h2, h3, sb):
     sc = ((h3 & m4) | (((h1 >> uint32(6)) & m2) << uint32(4))) if hi else h1 & m6
     mn = (((h3 >> uint32(4)) & m4) | (((h2 >> uint32(6)) & m2) << uint32(4))) if hi else h2 & m6
     sh = uint32(8 * (sb & 3))
-    return d * _small((sc >> sh) & _U8), dmin * _small((mn >> sh) & _U8)
+    return (sc >> sh) & _U8, (mn >> sh) & _U8
+
+
+@device_inline
+def _kq_sub_affine(h0, h1, h2, h3, sb):
+    """``(d * scale, dmin * min)`` of sub-block ``sb`` (0..7), as :func:`_kq_affine`."""
+    d, dmin = half2_f32(h0)
+    sc, mn = kq_scale_min(h1, h2, h3, sb)
+    return d * _small(sc), dmin * _small(mn)
 
 
 @device_inline
@@ -377,10 +385,10 @@ def q6k_fetch(wa, wb, wc, wd, row, chunk, nb):
 def q6k_affine(raw, chunk, ab, abo):
     l0, l1, u0, u1, e0, e1, s0, s1, d = raw
     sh = uint32(((chunk & 3) >> 1) * 8)
-    a0 = d * float32(_sbyte(s0, sh))
-    a1 = d * float32(_sbyte(s0, sh + uint32(16)))
-    a2 = d * float32(_sbyte(s1, sh))
-    a3 = d * float32(_sbyte(s1, sh + uint32(16)))
+    a0 = d * float32(sbyte(s0, sh))
+    a1 = d * float32(sbyte(s0, sh + uint32(16)))
+    a2 = d * float32(sbyte(s1, sh))
+    a3 = d * float32(sbyte(s1, sh + uint32(16)))
     ab[abo] = a0
     ab[abo + 1] = a1
     ab[abo + 2] = a2
@@ -432,7 +440,7 @@ def q6k_kstep(wa, wb, wc, wd, row, ks, nb, i):
     qh = wb[blk * 16 + 8 * n + 4 * lh + i]
     codes = ((ql >> uint32(4 * (q >> 1))) & _B4) | (((qh >> uint32(2 * q)) & _B2) << uint32(4))
     idx = 8 * n + lh + 2 * q
-    a = float32(wd[blk]) * float32(_sbyte(wc[blk * 4 + (idx >> 2)], uint32(8 * (idx & 3))))
+    a = float32(wd[blk]) * float32(sbyte(wc[blk * 4 + (idx >> 2)], uint32(8 * (idx & 3))))
     return codes, a, float32(32) * a
 
 

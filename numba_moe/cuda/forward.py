@@ -36,11 +36,12 @@ from ..config import CUDA_LAUNCH, get_config
 from ..errors import MoEError
 from ..routing import _check_params
 from .actquant import launch_quantize, quantized_sizes
+from .actsplit import launch_split, split_sizes
 from .arrays import device_view, is_device_array
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
 from .graph import CapturedGraph
 from .gemm import tokens_per_pass
-from .matmul import launch_expert_gemm, uses_codes
+from .matmul import launch_expert_gemm, uses_codes, uses_split
 from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_capacity
 from .primitives import SIMULATOR, next_pow2
 from .router import launch_router
@@ -135,6 +136,14 @@ class _Buffers:
             nq, na = quantized_sizes(n)
             return (cuda.device_array(max(nq, 1), np.uint32, stream=stream), f32(na))
 
+        def split(n_rows, cols, *ws):
+            # only for weights the fp16 tensor-core kernel reads (at large T)
+            if not any(uses_split(w, False) for w in ws):
+                return None
+            nh, ns, nx = split_sizes(n_rows, cols)
+            return (cuda.device_array(max(nh, 1), np.uint32, stream=stream),
+                    cuda.device_array(max(ns, 1), np.uint32, stream=stream), f32(nx))
+
         self.cap = cap
         self.x = f32(cap * h)
         self.out = f32(cap * h)
@@ -145,16 +154,22 @@ class _Buffers:
         self.ident = _identity_plan(cap, st.block_size, stream)
         self.act = f32(p * i)
         self.rows = f32(p * h)
-        # the GEMV's activation codes (.actquant) of x, act and sh_act
+        # x, act and sh_act as 16-bit codes (.actquant: integer kernels) and
+        # as fp16 pairs (.actsplit: the fp16 tensor-core kernel)
         self.x_codes = codes(cap * h)
         self.act_codes = codes(p * i)
+        sh = st.shared
+        self.x_split = split(cap, h, st.gate, *(sh[:1] if sh else ()))
+        self.act_split = split(p, i, st.down)
         if st.shared is not None:
-            self.sh_act = f32(cap * st.shared[0].rows)
+            sh_i = st.shared[0].rows
+            self.sh_act = f32(cap * sh_i)
             self.sh_rows = f32(cap * h)
-            self.sh_act_codes = codes(cap * st.shared[0].rows)
+            self.sh_act_codes = codes(cap * sh_i)
+            self.sh_act_split = split(cap, sh_i, sh[2])
         else:
             self.sh_act = self.sh_rows = self.out
-            self.sh_act_codes = None
+            self.sh_act_codes = self.sh_act_split = None
 
 
 class CudaMoE:
@@ -298,7 +313,10 @@ class CudaMoE:
         nt_tok = tokens_per_pass(n_tok)
         # one split per pass of tokens: the router's rows are few, its tokens many
         splits = min(-(-n_tok // nt_tok), _MAX_SPLITS)
-        m_blocks = plan_capacity(p, e, self.block_size)[1]
+        # experts of few tokens: smaller tiles (fewer padded rows, more blocks)
+        bs = min(CUDA_LAUNCH.tile_m_small, self.block_size) if p <= self.block_size * e \
+            else self.block_size
+        m_blocks = plan_capacity(p, e, bs)[1]
         m_ident = -(-n_tok // self.block_size)
         plan_threads = min(CUDA_LAUNCH.scan_threads,
                            max(32, next_pow2(max(e, -(-p // PAIRS_PER_THREAD)))))
@@ -312,37 +330,50 @@ class CudaMoE:
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
                        router_small, splits, nt_tok)
 
-        x_codes = uses_codes(self.gate, small) or (self.shared is not None
-                                                   and uses_codes(self.shared[0], shared_small))
+        sh = self.shared
+        x_codes = uses_codes(self.gate, small) or (sh is not None
+                                                   and uses_codes(sh[0], shared_small))
+        x_split = uses_split(self.gate, small) or (sh is not None
+                                                   and uses_split(sh[0], shared_small))
+
+        def act_of(w, is_small, codes, splits):
+            return splits if uses_split(w, is_small) else codes
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
                         b.weights, CUDA_LAUNCH.topk_warps, s)
 
         def plan():
-            launch_plan(b.ids, p, k, e, self.block_size, b.plan, plan_threads, s)
+            launch_plan(b.ids, p, k, e, bs, b.plan, plan_threads, s)
 
         def gemm1():
             # x's codes serve the shared expert's gate/up too
             if x_codes:
                 launch_quantize(b.x, n_tok * self.hidden, *b.x_codes, s)
+            if x_split:
+                launch_split(b.x, n_tok, self.hidden, *b.x_split, s)
             self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small,
-                       routed_splits, nt, b.x_codes)
+                       routed_splits, nt, act_of(self.gate, small, b.x_codes, b.x_split), bs)
 
         def gemm2():
             if uses_codes(self.down, small):
                 launch_quantize(b.act, p * self.inter, *b.act_codes, s)
+            if uses_split(self.down, small):
+                launch_split(b.act, p, self.inter, *b.act_split, s)
             self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small,
-                       routed_splits, nt, b.act_codes)
+                       routed_splits, nt, act_of(self.down, small, b.act_codes, b.act_split), bs)
 
         def shared():
             sg, su, sd = self.shared
             self._gemm(sg, su, b.x, b.ident, 1, m_ident, n_tok, 1, b.sh_act, shared_small,
-                       splits, nt_tok, b.x_codes)
+                       splits, nt_tok, act_of(sg, shared_small, b.x_codes, b.x_split))
             if uses_codes(sd, shared_small):
                 launch_quantize(b.sh_act, n_tok * sg.rows, *b.sh_act_codes, s)
+            if uses_split(sd, shared_small):
+                launch_split(b.sh_act, n_tok, sg.rows, *b.sh_act_split, s)
             self._gemm(sd, None, b.sh_act, b.ident, 1, m_ident, n_tok, 1, b.sh_rows,
-                       shared_small, splits, nt_tok, b.sh_act_codes)
+                       shared_small, splits, nt_tok, act_of(sd, shared_small, b.sh_act_codes,
+                                                            b.sh_act_split))
 
         def combine():
             launch_combine(b.rows, b.plan.pairs_by_token, b.weights, n_tok, k, self.hidden,
@@ -357,6 +388,6 @@ class CudaMoE:
 
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
               num_pairs: int, top_k: int, out, small: bool, splits: int = 1,
-              nt: int = 1, codes=None) -> None:
+              nt: int = 1, codes=None, tile_m: int = None) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
-                           small, self.stream, splits, nt, codes)
+                           small, self.stream, splits, nt, codes, tile_m or self.block_size)

@@ -8,15 +8,18 @@ from ..config import CUDA_LAUNCH
 from ..errors import MoEError
 from ..experts import ExpertTensor
 from .actquant import launch_quantize, quantized_sizes
+from .actsplit import launch_split, split_sizes
 from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
 from .gemm import tokens_per_pass as tokens_per_pass_for
+from .hmma import TYPES as HMMA_TYPES
+from .hmma import hmma_kernel, hmma_layout
 from .mma import mma_kernel, mma_layout
 from .plan import DevicePlan, plan_capacity, plan_device
 from .primitives import SIMULATOR
 from .qgemv import qgemv_kernel
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
-__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes", "integer_kernels"]
+__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes", "uses_split", "integer_kernels"]
 
 
 def integer_kernels():
@@ -31,16 +34,25 @@ def integer_kernels():
     return cc >= (6, 1), cc >= (8, 0)
 
 
+def uses_split(w: DeviceWeights, small: bool) -> bool:
+    """Whether :func:`launch_expert_gemm` reads the activations of ``w`` split
+    into fp16 pairs (:mod:`.actsplit`): Q4_K / Q6_K weights on the tiled
+    path, where the device has tensor cores (:mod:`.hmma`)."""
+    return not small and w.qtype in HMMA_TYPES and integer_kernels()[1]
+
+
 def uses_codes(w: DeviceWeights, small: bool) -> bool:
     """Whether :func:`launch_expert_gemm` reads the activations of ``w`` as
-    codes (:mod:`.actquant`): quantized weights on the integer GEMV
-    (``small``) or the tensor-core kernel, where the device has them."""
-    return w.info.codes4 is not None and integer_kernels()[0 if small else 1]
+    16-bit codes (:mod:`.actquant`): quantized weights on the integer GEMV
+    (``small``) or the integer tensor-core kernel, where the device has them."""
+    return (w.info.codes4 is not None and integer_kernels()[0 if small else 1]
+            and not uses_split(w, small))
 
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
-                       stream, token_splits: int = 1, nt: int = 1, codes=None) -> None:
+                       stream, token_splits: int = 1, nt: int = 1, codes=None,
+                       tile_m: int = None) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -64,24 +76,35 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         GEMV only: blocks sharing one expert's token list (``gridDim.z``).
     nt : int
         GEMV only: tokens per pass (1 to ``MAX_TOKENS_PER_PASS``).
-    codes : (xq, xa) device arrays, optional
-        ``x`` as codes (:func:`~numba_moe.cuda.actquant.launch_quantize`);
-        required when :func:`uses_codes`, else unused.
+    codes : tuple of device arrays, optional
+        ``x`` as codes ``(xq, xa)`` (:func:`~numba_moe.cuda.actquant.launch_quantize`)
+        when :func:`uses_codes`, split ``(hx, hsum, xs)``
+        (:func:`~numba_moe.cuda.actsplit.launch_split`) when :func:`uses_split`;
+        else unused.
+    tile_m : int, optional
+        Tiled kernels: the plan's block size (default ``CUDA_LAUNCH.tile_m``).
     """
     gate_up = v is not None
+    tile_m = tile_m or CUDA_LAUNCH.tile_m
     vplanes = v.planes if gate_up else w.planes
     if small:
         segw, warps, row_blocks, tile, shared = gemv_layout(
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
             CUDA_LAUNCH.gemv_shared_bytes, token_splits)
     codes_path = uses_codes(w, small)
-    if codes_path and small:
+    if uses_split(w, small):
+        kern = hmma_kernel(w.qtype, gate_up, tile_m)
+        threads, n_blocks = hmma_layout(w.rows)
+        kern[(m_blocks, n_blocks), threads, stream](
+            *w.planes, *vplanes, w.nb, w.cols // 16, w.rows, *codes, w.cols, num_pairs,
+            top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
+    elif codes_path and small:
         kern = qgemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, *codes, num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
     elif codes_path:
-        kern = mma_kernel(w.info, gate_up, CUDA_LAUNCH.tile_m)
+        kern = mma_kernel(w.info, gate_up, tile_m)
         threads, n_blocks = mma_layout(w.rows)
         kern[(m_blocks, n_blocks), threads, stream](
             *w.planes, *vplanes, w.nb, 2 * w.chunks, w.rows, *codes, 2 * w.chunks, num_pairs,
@@ -93,7 +116,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
     else:
-        bm, bn = CUDA_LAUNCH.tile_m, CUDA_LAUNCH.tile_n
+        bm, bn = tile_m, CUDA_LAUNCH.tile_n
         kern = tiled_kernel(w.info, gate_up, bm, bn)
         threads, n_blocks, shared = tiled_layout(w.rows, bm, bn, gate_up)
         kern[(m_blocks, n_blocks), threads, stream, shared](
@@ -173,6 +196,12 @@ def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0,
             codes = (cuda.device_array(nq, np.uint32, stream=stream),
                      cuda.device_array(na, np.float32, stream=stream))
             launch_quantize(flat, d_x.size, *codes, stream)
+        elif uses_split(w, kernel == "gemv"):
+            nh, ns, nx = split_sizes(*d_x.shape)
+            codes = (cuda.device_array(nh, np.uint32, stream=stream),
+                     cuda.device_array(ns, np.uint32, stream=stream),
+                     cuda.device_array(nx, np.float32, stream=stream))
+            launch_split(flat, *d_x.shape, *codes, stream)
         launch_expert_gemm(w, v, flat, plan, min(w.num_experts, p), m_blocks, p, top_k,
                            out.reshape(out.size), kernel == "gemv", stream, 2, nt, codes)
     return out

@@ -20,7 +20,9 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
-           "dp4a", "mma_s8", "mma_s8_k32", "pair_max", "silu", "block_exclusive_scan", "next_pow2"]
+           "dp4a", "mma_s8", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
+           "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
+           "silu", "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -107,15 +109,16 @@ if not SIMULATOR:
 
     @intrinsic
     def shared_load4(typingctx, arr, idx):
-        """``(arr[i], arr[i+1], arr[i+2], arr[i+3])`` of a float32 shared array
-        in one ``ld.shared.v4.f32`` (``&arr[i]`` 16-byte aligned).
+        """``(arr[i], arr[i+1], arr[i+2], arr[i+3])`` of a float32 or uint32
+        shared array in one ``ld.shared.v4`` (``&arr[i]`` 16-byte aligned).
 
         Marked as having side effects so that LLVM never moves it across a
         ``syncthreads`` (the staged values change between barriers).
         """
-        if not isinstance(arr, types.Array) or arr.dtype != types.float32:
+        if not isinstance(arr, types.Array) or arr.dtype not in (types.float32, types.uint32):
             return None
-        sig = types.UniTuple(types.float32, 4)(arr, idx)
+        ety = arr.dtype
+        sig = types.UniTuple(ety, 4)(arr, idx)
 
         def codegen(context, builder, sig, args):
             aryty = sig.args[0]
@@ -123,11 +126,12 @@ if not SIMULATOR:
             index = context.cast(builder, args[1], sig.args[1], types.intp)
             ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
                                            wraparound=False)
-            f32 = ir.FloatType()
-            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [ptr.type])
+            lty = context.get_value_type(ety)
+            c, kind = ("f", "f32") if ety == types.float32 else ("r", "u32")
+            fnty = ir.FunctionType(ir.LiteralStructType([lty] * 4), [ptr.type])
             asm = ir.InlineAsm(fnty, "{ .reg .u64 %sa; cvta.to.shared.u64 %sa, $4; "
-                               "ld.shared.v4.f32 {$0, $1, $2, $3}, [%sa]; }",
-                               "=f,=f,=f,=f,l", side_effect=True)
+                               f"ld.shared.v4.{kind} {{$0, $1, $2, $3}}, [%sa]; }}",
+                               ",".join([f"={c}"] * 4) + ",l", side_effect=True)
             res = builder.call(asm, [ptr])
             vals = [builder.extract_value(res, k) for k in range(4)]
             return context.make_tuple(builder, sig.return_type, vals)
@@ -248,6 +252,134 @@ if not SIMULATOR:
         """
         sig = _int_words_sig((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
         return None if sig is None else (sig, _MMA_K32)
+
+    def _f16_mma_asm(k: int, n_a: int, n_b: int):
+        """``codegen`` of ``mma.sync.aligned.m16n8k{k}`` on fp16 words, fp32
+        accumulate: ``n_a`` A words, ``n_b`` B words, 4 C floats in; 4 D floats out."""
+        regs = [f"${r}" for r in range(4 + n_a + n_b + 4)]
+        groups = [regs[:4], regs[4:4 + n_a], regs[4 + n_a:4 + n_a + n_b], regs[4 + n_a + n_b:]]
+        text = (f"mma.sync.aligned.m16n8k{k}.row.col.f32.f16.f16.f32 "
+                + ", ".join("{" + ", ".join(g) + "}" for g in groups) + ";")
+        constraints = ",".join(["=f"] * 4 + ["r"] * (n_a + n_b) + ["f"] * 4)
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            f32 = ir.FloatType()
+            n_w = n_a + n_b
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * n_w + [f32] * 4)
+            words = [_as_i32(builder, v) for v in args[:n_w]]
+            accs = [context.cast(builder, v, t, types.float32)
+                    for v, t in zip(args[n_w:], sig.args[n_w:])]
+            res = builder.call(ir.InlineAsm(fnty, text, constraints), words + accs)
+            vals = [builder.extract_value(res, r) for r in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return codegen
+
+    _HMMA_K16 = _f16_mma_asm(16, 4, 2)
+    _HMMA_K8 = _f16_mma_asm(8, 2, 1)
+
+    def _f16_mma_sig(words, accs):
+        if not all(isinstance(t, types.Integer) for t in words):
+            return None
+        if not all(isinstance(t, (types.Float, types.Integer)) for t in accs):
+            return None
+        return types.UniTuple(types.float32, 4)(*words, *accs)
+
+    @intrinsic
+    def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """One warp-wide ``mma.sync.m16n8k16`` on fp16, float32 accumulate.
+
+        ``D (16x8) = A (16x16) @ B (16x8) + C``; words hold two fp16 values,
+        the lower column (or k) in the low half.  Lane ``(g, i)`` (``g = l >> 2``,
+        ``i = l & 3``) holds ``A[g, 2i:2i+2]`` (``a0``), ``A[g+8, 2i:2i+2]``
+        (``a1``), ``A[g, 2i+8:2i+10]`` (``a2``), ``A[g+8, 2i+8:2i+10]``
+        (``a3``), ``B[2i:2i+2, g]`` (``b0``), ``B[2i+8:2i+10, g]`` (``b1``) and
+        ``C``/``D`` ``[g, 2i]``, ``[g, 2i+1]``, ``[g+8, 2i]``, ``[g+8, 2i+1]``.
+        Every lane of the warp must execute it.
+        """
+        sig = _f16_mma_sig((a0, a1, a2, a3, b0, b1), (c0, c1, c2, c3))
+        return None if sig is None else (sig, _HMMA_K16)
+
+    @intrinsic
+    def mma_f16_k8(typingctx, a0, a1, b0, c0, c1, c2, c3):
+        """As :func:`mma_f16` with ``mma.sync.m16n8k8``: ``A`` 16x8 (``a0``, ``a1``
+        as there), ``B`` 8x8 (``b0``)."""
+        sig = _f16_mma_sig((a0, a1, b0), (c0, c1, c2, c3))
+        return None if sig is None else (sig, _HMMA_K8)
+
+    @intrinsic
+    def hfma2(typingctx, a, b, c):
+        """``a * b + c`` on the two fp16 halves of 32-bit words, one rounding
+        (``fma.rn.f16x2``); a uint32 word."""
+        if not all(isinstance(t, types.Integer) for t in (a, b, c)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(i32, [i32] * 3)
+            asm = ir.InlineAsm(fnty, "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r")
+            return builder.call(asm, [_as_i32(builder, v) for v in args])
+
+        return types.uint32(a, b, c), codegen
+
+    @intrinsic
+    def pack_half2(typingctx, lo, hi):
+        """The 32-bit word of fp16 ``(lo, hi)``, each float32 rounded to nearest
+        (``cvt.rn.f16x2.f32``)."""
+        if not all(isinstance(t, types.Float) for t in (lo, hi)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            vals = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args)]
+            fnty = ir.FunctionType(ir.IntType(32), [f32, f32])
+            asm = ir.InlineAsm(fnty, "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
+            return builder.call(asm, [vals[1], vals[0]])
+
+        return types.uint32(lo, hi), codegen
+
+    @intrinsic
+    def cp_async16(typingctx, dst, didx, src, sidx):
+        """Start copying the 16 bytes at ``src[sidx]`` (global) to ``dst[didx]``
+        (shared), both 16-byte aligned, without registers (``cp.async.cg``);
+        :func:`cp_async_commit` closes a group, :func:`cp_async_wait1` waits
+        for all groups but the newest (the caller then syncs the block)."""
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
+            return None
+        sig = types.void(dst, didx, src, sidx)
+
+        def codegen(context, builder, sig, args):
+            ptrs = []
+            for a, k in ((0, 1), (2, 3)):
+                aryty = sig.args[a]
+                ary = context.make_array(aryty)(context, builder, args[a])
+                index = context.cast(builder, args[k], sig.args[k], types.intp)
+                ptrs.append(cgutils.get_item_pointer(context, builder, aryty, ary, [index],
+                                                     wraparound=False))
+            fnty = ir.FunctionType(ir.VoidType(), [p.type for p in ptrs])
+            asm = ir.InlineAsm(fnty, "{ .reg .u64 %sd; cvta.to.shared.u64 %sd, $0; "
+                               "cp.async.cg.shared.global [%sd], [$1], 16; }",
+                               "l,l,~{memory}", side_effect=True)
+            builder.call(asm, ptrs)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    def _cp_async_op(text):
+        @intrinsic
+        def _op(typingctx):
+            def codegen(context, builder, sig, args):
+                fnty = ir.FunctionType(ir.VoidType(), [])
+                builder.call(ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        return _op
+
+    cp_async_commit = _cp_async_op("cp.async.commit_group;")
+    cp_async_wait1 = _cp_async_op("cp.async.wait_group 1;")
 
     @device_inline
     def seg_sum(v, width):
@@ -379,6 +511,67 @@ else:
     def mma_s8(a0, a1, b0, c0, c1, c2, c3):
         # the k=16 product is the k=32 one with the upper 16 columns zero
         return mma_s8_k32(a0, a1, 0, 0, b0, 0, c0, c1, c2, c3)
+
+    def _halves(words):
+        """fp16 pairs of uint32 words as float64, shape (n, 2) (low half first)."""
+        w = np.array([int(v) & _FULL for v in words], np.uint32)
+        return w.view(np.float16).astype(np.float64).reshape(-1, 2)
+
+    @cuda.jit(device=True)
+    def _mma_f16_twin(k, words, c0, c1, c2, c3):
+        """The warp's ``D = A @ B + C`` for an fp16 ``mma`` of depth ``k`` (16 or
+        8), each lane passing its A then B words, as the hardware lays them out."""
+        n = len(words)
+        regs = cuda.shared.array((_MAX_THREADS, 6), np.int64)
+        tid = cuda.threadIdx.x
+        for j, v in enumerate(words):
+            regs[tid, j] = int(v) & _FULL
+        cuda.syncthreads()
+        warp = tid - tid % 32
+        g = (tid % 32) >> 2
+        i = tid & 3
+        a = np.zeros((16, k))
+        b = np.zeros((k, 8))
+        for lane in range(32):
+            h = _halves([regs[warp + lane, j] for j in range(n)])
+            lg, li = lane >> 2, lane & 3
+            a[lg, 2 * li:2 * li + 2] = h[0]
+            a[lg + 8, 2 * li:2 * li + 2] = h[1]
+            if k == 16:
+                a[lg, 2 * li + 8:2 * li + 10] = h[2]
+                a[lg + 8, 2 * li + 8:2 * li + 10] = h[3]
+                b[2 * li:2 * li + 2, lg] = h[4]
+                b[2 * li + 8:2 * li + 10, lg] = h[5]
+            else:
+                b[2 * li:2 * li + 2, lg] = h[2]
+        d = a @ b
+        cuda.syncthreads()
+        return (np.float32(c0 + d[g, 2 * i]), np.float32(c1 + d[g, 2 * i + 1]),
+                np.float32(c2 + d[g + 8, 2 * i]), np.float32(c3 + d[g + 8, 2 * i + 1]))
+
+    @cuda.jit(device=True)
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        return _mma_f16_twin(16, (a0, a1, a2, a3, b0, b1), c0, c1, c2, c3)
+
+    @cuda.jit(device=True)
+    def mma_f16_k8(a0, a1, b0, c0, c1, c2, c3):
+        return _mma_f16_twin(8, (a0, a1, b0), c0, c1, c2, c3)
+
+    def hfma2(a, b, c):
+        r = _halves((a,))[0] * _halves((b,))[0] + _halves((c,))[0]
+        return np.uint32(r.astype(np.float16).view(np.uint32)[0])
+
+    def pack_half2(lo, hi):
+        return np.uint32(np.array([lo, hi], np.float16).view(np.uint32)[0])
+
+    def cp_async16(dst, didx, src, sidx):
+        for k in range(4):
+            dst[didx + k] = src[sidx + k]
+
+    def cp_async_commit():
+        pass
+
+    cp_async_wait1 = cp_async_commit
 
     def as_f32(u):
         return np.uint32(u).view(np.float32)

@@ -1,0 +1,371 @@
+"""Tiled grouped GEMM on fp16 tensor cores for Q4_K and Q6_K weights.
+
+The integer kernel of :mod:`.mma` pays a float epilogue per output element
+every 32 columns, because weight scales and activation scales both change
+there; that epilogue, not the tensor cores, bounds it.  Here the weights'
+sub-block scales go *into* the operands: an fp16 holds every integer up to
+2048 exactly, so
+
+* Q4_K: ``A = sc * q`` (``sc`` 6-bit, ``q`` 4-bit: at most 945);
+* Q6_K: ``sc * (q - 32)`` reaches 4096, so it is split exactly into
+  ``A1 = (sc & ~1) * (q - 32)`` (even, at most 4096) and
+  ``A2 = (sc & 1) * (q - 32)``,
+
+and the activations come as two fp16 terms per value (:mod:`.actsplit`).
+The ``mma.m16n8k16`` products then accumulate in float32 over a whole
+256-column block, and the block's ``d`` (and, for Q4_K, ``dmin`` times the
+sub-block minimums against the activations' 32-column sums, one
+``mma.m16n8k8``) apply once per block::
+
+    acc  = sum over the block's steps of  A @ (B_hi + B_lo)      fp32, tensor cores
+    out += d * acc - 32 * dmin * (M @ S')                         per 256 columns
+    out *= s                                                      the row scale, at the end
+
+Block ``(mb, nb)``: tokens ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]``
+of expert ``block_expert[mb]`` times 64 weight rows (and the 64 matching up
+rows in ``gate_up`` mode), 4 warps of 16 rows; a warp holds all ``tile_m``
+tokens as ``tile_m / 8`` mma tiles.  Lane ``(g, i)`` reads the weight word
+of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g + 8`` per step (the
+next step's while this one computes) and unpacks it into two fp16 pairs
+with the exponent trick ``half(0x6400 | n) = 1024 + n`` and one ``fma.f16x2``
+that subtracts the 1024 and multiplies by the scale (exact: one rounding of
+an exact integer).  The block's activation words are staged in shared
+memory :func:`stage_steps` steps at a time, in two buffers (``cp.async``
+copies the next stage while this one computes), read with one 16-byte load
+per tile and step; the weight words load :data:`PREFETCH` steps ahead and
+the block headers one block ahead.
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+from numba import cuda, float32, int32, int64, uint32
+
+from .decoders import _pick4, kq_scale_min, sbyte
+from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
+from .primitives import hfma2, load4, mma_f16, mma_f16_k8
+from .primitives import kernel as kernel_jit
+from .primitives import pack_half2, shared_load4, silu
+
+__all__ = ["TYPES", "WARPS", "ROWS", "PREFETCH", "stage_steps", "hmma_kernel", "hmma_layout"]
+
+Q = gguf.GGMLQuantizationType
+#: Weight types this kernel reads.
+TYPES = (Q.Q4_K, Q.Q6_K)
+#: Warps a block, and weight rows a block (16 a warp).
+WARPS = 4
+ROWS = 16 * WARPS
+#: Steps ahead of use that a lane loads its weight words.
+PREFETCH = 4
+# Shared words of a token's staged block sums (8 used; 12: no bank conflicts).
+SS = 12
+# Register budget: 128-thread blocks a multiprocessor must fit (170 registers).
+_MIN_BLOCKS = 3
+
+# fp16 pairs: 1.0, -1056.0 (= -(1024 + 32)); the exponent of 1024 over a small integer
+_ONE2 = uint32(0x3C003C00)
+_M1056 = uint32(int(np.array([-1056, -1056], np.float16).view(np.uint32)[0]))
+_MAG = uint32(0x64006400)
+_LOW4 = uint32(0x000F000F)
+_LOW8 = uint32(0x00FF00FF)
+_B4 = uint32(0x0F0F0F0F)
+_B2 = uint32(0x03030303)
+_B1 = uint32(1)
+
+_cache = {}
+
+
+def hmma_kernel(qtype, gate_up: bool, tile_m: int):
+    """The fp16 tensor-core kernel for weights of type ``qtype`` (one of :data:`TYPES`).
+
+    Signature::
+
+        kernel[(m_blocks, n_blocks), 32 * WARPS, stream](
+            wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xs, cols,
+            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out)
+
+    ``nb`` blocks of 256 values a row, ``n_steps`` = ``cols / 16``; ``hx``,
+    ``hsum``, ``xs``: the input rows split by :mod:`.actsplit`; input row of
+    pair ``p``: token ``p // top_k`` (gate_up) or slot ``pairs_by_token[p]``
+    (plain); output row: that slot.  ``tile_m`` (a multiple of 8) is the
+    plan's block size.
+    """
+    key = (qtype, gate_up, tile_m)
+    if key not in _cache:
+        _cache[key] = _make(qtype, gate_up, tile_m)
+    return _cache[key]
+
+
+def hmma_layout(rows: int):
+    """``(threads, n_blocks)`` of the launch for ``rows`` output rows."""
+    return 32 * WARPS, -(-rows // ROWS)
+
+
+# Q4_K (layout in :mod:`.decoders`): step ks of a row is sub-block
+# sb = (ks & 15) >> 1 of block ks >> 4, the low (even sb) or high nibbles of
+# the 32 bytes of group sb >> 1, bytes 16 (ks & 1) .. + 15; lane i takes
+# the word of bytes 4i .. 4i + 3 (columns 4i .. 4i + 3 of the step).
+
+
+@device_inline
+def _q4k_word(w, row, ks, nb, i):
+    kk = ks & 15
+    return w[(row * nb + (ks >> 4)) * 36 + 4 + 8 * (kk >> 2) + 4 * (kk & 1) + i]
+
+
+@device_inline
+def _q4k_frags(w, shift, sc2, nsc2):
+    #   byte b of w: nibble n_b at bit shift
+    #   p = half2(1024 + n_0, 1024 + n_2),  q = half2(1024 + n_1, 1024 + n_3)
+    #   (1024 + n) * sc - 1024 * sc = n * sc, rounded once: exact (<= 945)
+    n = (w >> shift) & _B4
+    p = (n & _LOW4) | _MAG
+    q = ((n >> uint32(8)) & _LOW4) | _MAG
+    return hfma2(p, sc2, nsc2), hfma2(q, sc2, nsc2)
+
+
+@device_inline
+def _int2(v):
+    """The fp16 pair ``(v, v)`` of a small integer."""
+    f = float32(v)
+    return pack_half2(f, f)
+
+
+# Q6_K (planes in :mod:`.weights`: ql, qh, scales, d): step ks of a row is
+# half n = (ks & 15) >> 3 of block ks >> 4, table row t = (ks & 7) >> 1,
+# l = 16 (ks & 1) + 4i .. + 3: ql bytes 64n + 32 (t & 1) + l (nibble t >> 1),
+# qh bytes 32n + l (bits 2t, 2t + 1); scale byte 8n + (ks & 1) + 2t.
+
+
+@device_inline
+def _q6k_words(wa, wb, row, ks, nb, i):
+    blk = row * nb + (ks >> 4)
+    kk = ks & 15
+    n = kk >> 3
+    t = (kk & 7) >> 1
+    lh = kk & 1
+    return (wa[blk * 32 + 16 * n + 8 * (t & 1) + 4 * lh + i],
+            wb[blk * 16 + 8 * n + 4 * lh + i])
+
+
+@device_inline
+def _q6k_frags(ql, qh, t, sc):
+    #   6-bit code c_b of byte b: ql nibble (bit 4 (t >> 1)) | qh bits 2t .. 2t+1 << 4
+    #   c - 32 exactly: half(1024 + c) * 1 - 1056
+    #   A1 = (sc & ~1) (c - 32): even, |.| <= 4096, exact;  A2 = (sc & 1) (c - 32)
+    c = ((ql >> uint32(4 * (t >> 1))) & _B4) | (((qh >> uint32(2 * t)) & _B2) << uint32(4))
+    p = hfma2((c & _LOW8) | _MAG, _ONE2, _M1056)
+    q = hfma2(((c >> uint32(8)) & _LOW8) | _MAG, _ONE2, _M1056)
+    odd = sc & 1
+    e2 = _int2(sc - odd)
+    o2 = _int2(odd)
+    return hfma2(p, e2, 0), hfma2(q, e2, 0), hfma2(p, o2, 0), hfma2(q, o2, 0)
+
+
+def stage_steps(tile_m: int) -> int:
+    """Steps (16 columns each) of activation words a block stages at a time:
+    the two stage buffers of a block stay within 48 KiB of shared memory."""
+    return 8 if tile_m <= 32 else 4
+
+
+def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
+    """Python source of the kernel, its steps, token tiles and accumulators written out."""
+    st = stage_steps(tile_m)
+    xsw = 16 * st + 16
+    ntiles = tile_m // 8
+    halves = range(2 if gate_up else 1)
+    plane = [("wa", "wb", "wc", "wd"), ("va", "vb", "vc", "vd")]
+    hr = [(h, r) for h in halves for r in (0, 1)]
+    lines = []
+    emit = lines.append
+    emit(f"""
+def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
+           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
+    mb = cuda.blockIdx.x
+    if mb * {tile_m} >= meta[1]:
+        return
+    e = block_expert[mb]
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    lane = tid & 31
+    g = lane >> 2
+    i = lane & 3
+    xoff_s = cuda.shared.array({tile_m}, int32)
+    orow_s = cuda.shared.array({tile_m}, int32)
+    xsc_s = cuda.shared.array({tile_m}, float32)
+    for m in range(tid, {tile_m}, nthreads):
+        p = sorted_ids[mb * {tile_m} + m]
+        if p < num_pairs:
+            slot = pairs_by_token[p]
+            xr = {"p // top_k" if gate_up else "slot"}
+            xoff_s[m] = xr
+            orow_s[m] = slot
+            xsc_s[m] = xsc[xr]
+        else:
+            xoff_s[m] = 0
+            orow_s[m] = -1
+            xsc_s[m] = float32(0)
+    cuda.syncthreads()
+    r0 = cuda.blockIdx.y * {ROWS} + (tid >> 5) * 16 + g
+    r1 = r0 + 8
+    # rows past the end read the last row (valid memory) and write nothing
+    row0 = int64(e) * rows + min(r0, rows - 1)
+    row1 = int64(e) * rows + min(r1, rows - 1)
+    sbw = cols >> 5
+    n_stages = n_steps // {st}
+    # two stage buffers: the next stage copies in (cp.async) while this one computes
+    xs = cuda.shared.array({2 * tile_m * xsw}, uint32)""")
+    if q4:
+        emit(f"    ss = cuda.shared.array({2 * tile_m * SS}, uint32)")
+
+    def issue(ind, stage, buf):
+        emit(f"""{ind}for idx in range(tid, {tile_m * 4 * st}, nthreads):
+{ind}    m = idx // {4 * st}
+{ind}    u = idx - m * {4 * st}
+{ind}    cp_async16(xs, ({buf} * {tile_m} + m) * {xsw} + 4 * u, hx,
+{ind}               int64(xoff_s[m]) * cols + {16 * st} * ({stage}) + 4 * u)""")
+        if q4:
+            # a block's first stage brings the block's sums
+            emit(f"""{ind}if (({stage}) * {st}) & 15 == 0:
+{ind}    sbi = (({stage}) * {st}) >> 4
+{ind}    for idx in range(tid, {tile_m * 2}, nthreads):
+{ind}        m = idx >> 1
+{ind}        u = idx & 1
+{ind}        cp_async16(ss, ((sbi & 1) * {tile_m} + m) * {SS} + 4 * u, hsum,
+{ind}                   int64(xoff_s[m]) * sbw + 8 * sbi + 4 * u)""")
+
+    def headers(ind, pre, sb):
+        for h, r in hr:
+            if q4:
+                emit(f"{ind}{pre}{h}{r}_0, {pre}{h}{r}_1, {pre}{h}{r}_2, {pre}{h}{r}_3 = "
+                     f"load4({plane[h][0]}, (row{r} * nb + {sb}) * 36)")
+            else:
+                emit(f"{ind}{pre}{h}{r}_0, {pre}{h}{r}_1, {pre}{h}{r}_2, {pre}{h}{r}_3 = "
+                     f"load4({plane[h][2]}, (row{r} * nb + {sb}) * 4)")
+                emit(f"{ind}{pre}{h}{r}_d = {plane[h][3]}[row{r} * nb + {sb}]")
+
+    def word(ind, h, r, j, step):
+        a, b = plane[h][:2]
+        if q4:
+            emit(f"{ind}w{h}{r}_{j} = _q4k_word({a}, row{r}, {step}, nb, i)")
+        else:
+            emit(f"{ind}l{h}{r}_{j}, q{h}{r}_{j} = _q6k_words({a}, {b}, row{r}, {step}, nb, i)")
+
+    issue("    ", "0", "0")
+    emit("    cp_async_commit()")
+    for h in halves:
+        for n in range(ntiles):
+            for pre in ("t", "c"):
+                emit("    " + " = ".join(f"{pre}{h}_{n}_{k}" for k in range(4)) + " = float32(0)")
+    # weight words PREFETCH steps ahead, in a ring of registers; block headers one block ahead
+    for j in range(PREFETCH):
+        for h, r in hr:
+            word("    ", h, r, j, f"min({j}, n_steps - 1)")
+    headers("    ", "n", "0")
+    emit(f"""    for s in range(n_stages):
+        ks0 = s * {st}
+        kq = ks0 & 15
+        if s + 1 < n_stages:""")
+    issue("            ", "s + 1", "((s + 1) & 1)")
+    emit("""        cp_async_commit()
+        cp_async_wait1()
+        cuda.syncthreads()
+        buf = s & 1
+        if kq == 0:""")
+    for h, r in hr:
+        names = [f"{h}{r}_{x}" for x in ("0", "1", "2", "3")] + ([] if q4 else [f"{h}{r}_d"])
+        emit("            " + ", ".join(f"k{v}" for v in names) + " = "
+             + ", ".join(f"n{v}" for v in names))
+    headers("            ", "n", "min((ks0 >> 4) + 1, nb - 1)")
+    if q4:
+        for h, r in hr:
+            emit(f"            d{h}{r}, dm{h}{r} = half2_f32(k{h}{r}_0)")
+    else:
+        for h, r in hr:
+            emit(f"            d{h}{r} = float32(k{h}{r}_d)")
+    ind = " " * 8
+    for kss in range(st):
+        j = kss % PREFETCH
+        emit(f"{ind}kk = kq + {kss}")
+        emit(f"{ind}kn = min(ks0 + {kss + PREFETCH}, n_steps - 1)")
+        for h, r in hr:
+            if q4:
+                emit(f"{ind}cw{h}{r} = w{h}{r}_{j}")
+            else:
+                emit(f"{ind}cl{h}{r} = l{h}{r}_{j}\n{ind}cq{h}{r} = q{h}{r}_{j}")
+            word(ind, h, r, j, "kn")
+        if q4:
+            if kss % 2 == 0:
+                for h, r in hr:
+                    emit(f"{ind}sc, _ = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, kk >> 1)")
+                    emit(f"{ind}s2{h}{r} = _int2(sc)\n{ind}n2{h}{r} = _int2(-1024 * int32(sc))")
+            for h, r in hr:
+                emit(f"{ind}x{h}{r}, y{h}{r} = _q4k_frags(cw{h}{r}, uint32({4 * ((kss >> 1) & 1)}), "
+                     f"s2{h}{r}, n2{h}{r})")
+        else:
+            emit(f"{ind}tq = (kk & 7) >> 1")
+            emit(f"{ind}si = 8 * (kk >> 3) + {kss & 1} + 2 * tq")
+            for h, r in hr:
+                emit(f"{ind}sc = sbyte(_pick4(si >> 2, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, k{h}{r}_3), "
+                     f"uint32(8 * (si & 3)))")
+                emit(f"{ind}x{h}{r}, y{h}{r}, u{h}{r}, v{h}{r} = _q6k_frags(cl{h}{r}, cq{h}{r}, tq, sc)")
+        for n in range(ntiles):
+            emit(f"{ind}b{n}_0, b{n}_1, b{n}_2, b{n}_3 = shared_load4(xs, (buf * {tile_m} + {8 * n} + g)"
+                 f" * {xsw} + {16 * kss} + 4 * i)")
+        # independent products back to back: term, then hi / lo, then tile and half
+        terms = [("x", "y")] if q4 else [("x", "y"), ("u", "v")]
+        for pa, qa in terms:
+            for b0, b1 in ((0, 1), (2, 3)):
+                for n in range(ntiles):
+                    for h in halves:
+                        acc = ", ".join(f"c{h}_{n}_{k}" for k in range(4))
+                        frag = f"{pa}{h}0, {pa}{h}1, {qa}{h}0, {qa}{h}1"
+                        emit(f"{ind}{acc} = mma_f16({frag}, b{n}_{b0}, b{n}_{b1}, {acc})")
+    # end of a 256-column block: scale and add its sums, clear them
+    emit(f"{ind}if kq == {16 - st}:")
+    ind = " " * 12
+    if q4:
+        emit(f"{ind}sbuf = (ks0 >> 4) & 1")
+        for h, r in hr:
+            emit(f"""{ind}_, ma = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, 2 * i)
+{ind}_, mz = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, 2 * i + 1)
+{ind}am{h}{r} = pack_half2(float32(ma), float32(mz))
+{ind}dz{h}{r} = float32(32) * dm{h}{r}""")
+    for n in range(ntiles):
+        if q4:
+            emit(f"{ind}so = (sbuf * {tile_m} + {8 * n} + g) * {SS} + 2 * i")
+            emit(f"{ind}sh = ss[so]\n{ind}sl = ss[so + 1]")
+        for h in halves:
+            if q4:
+                emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sh, 0, 0, 0, 0)")
+                emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sl, m0, m1, m2, m3)")
+            for k in range(4):
+                r = k >> 1
+                sub = f" - dz{h}{r} * m{k}" if q4 else ""
+                emit(f"{ind}t{h}_{n}_{k} += d{h}{r} * c{h}_{n}_{k}{sub}")
+                emit(f"{ind}c{h}_{n}_{k} = float32(0)")
+    emit("        cuda.syncthreads()")
+    for n in range(ntiles):
+        for k in range(4):
+            r = k >> 1
+            tok = f"{8 * n} + 2 * i + {k & 1}"
+            val = (f"silu(sx * t0_{n}_{k}) * (sx * t1_{n}_{k})" if gate_up
+                   else f"sx * t0_{n}_{k}")
+            emit(f"""    orow = orow_s[{tok}]
+    if orow >= 0 and r{r} < rows:
+        sx = xsc_s[{tok}]
+        out[int64(orow) * rows + r{r}] = {val}""")
+    return "\n".join(lines) + "\n"
+
+
+def _make(qtype, gate_up: bool, tile_m: int):
+    src = _source(qtype == Q.Q4_K, tile_m, gate_up)
+    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
+              load4=load4, shared_load4=shared_load4, half2_f32=half2_f32,
+              pack_half2=pack_half2, mma_f16=mma_f16, mma_f16_k8=mma_f16_k8, silu=silu,
+              kq_scale_min=kq_scale_min, sbyte=sbyte, _q4k_word=_q4k_word,
+              _q4k_frags=_q4k_frags, _q6k_words=_q6k_words, _q6k_frags=_q6k_frags,
+              _int2=_int2, _pick4=_pick4, cp_async16=cp_async16,
+              cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
+    exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
+    return kernel_jit(launch_bounds=(32 * WARPS, _MIN_BLOCKS))(ns["kernel"])
