@@ -41,20 +41,18 @@ import gguf
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .decoders import _pick4, kq_scale_min, sbyte
+from .decoders import _B2, _B4, _pick4, kq_scale_min, sbyte
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8
 from .primitives import kernel as kernel_jit
+from .mma import ROWS, WARPS, tile_head
 from .primitives import pack_half2, shared_load4, silu
 
-__all__ = ["TYPES", "WARPS", "ROWS", "PREFETCH", "stage_steps", "hmma_kernel", "hmma_layout"]
+__all__ = ["TYPES", "PREFETCH", "stage_steps", "hmma_kernel", "hmma_layout"]
 
 Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
 TYPES = (Q.Q4_K, Q.Q6_K)
-#: Warps a block, and weight rows a block (16 a warp).
-WARPS = 4
-ROWS = 16 * WARPS
 #: Steps ahead of use that a lane loads its weight words.
 PREFETCH = 4
 # Shared words of a token's staged block sums (8 used; 12: no bank conflicts).
@@ -68,9 +66,6 @@ _M1056 = uint32(int(np.array([-1056, -1056], np.float16).view(np.uint32)[0]))
 _MAG = uint32(0x64006400)
 _LOW4 = uint32(0x000F000F)
 _LOW8 = uint32(0x00FF00FF)
-_B4 = uint32(0x0F0F0F0F)
-_B2 = uint32(0x03030303)
-_B1 = uint32(1)
 
 _cache = {}
 
@@ -178,40 +173,11 @@ def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     hr = [(h, r) for h in halves for r in (0, 1)]
     lines = []
     emit = lines.append
-    emit(f"""
+    emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
-           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
-    mb = cuda.blockIdx.x
-    if mb * {tile_m} >= meta[1]:
-        return
-    e = block_expert[mb]
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    lane = tid & 31
-    g = lane >> 2
-    i = lane & 3
-    xoff_s = cuda.shared.array({tile_m}, int32)
-    orow_s = cuda.shared.array({tile_m}, int32)
-    xsc_s = cuda.shared.array({tile_m}, float32)
-    for m in range(tid, {tile_m}, nthreads):
-        p = sorted_ids[mb * {tile_m} + m]
-        if p < num_pairs:
-            slot = pairs_by_token[p]
-            xr = {"p // top_k" if gate_up else "slot"}
-            xoff_s[m] = xr
-            orow_s[m] = slot
-            xsc_s[m] = xsc[xr]
-        else:
-            xoff_s[m] = 0
-            orow_s[m] = -1
-            xsc_s[m] = float32(0)
-    cuda.syncthreads()
-    r0 = cuda.blockIdx.y * {ROWS} + (tid >> 5) * 16 + g
-    r1 = r0 + 8
-    # rows past the end read the last row (valid memory) and write nothing
-    row0 = int64(e) * rows + min(r0, rows - 1)
-    row1 = int64(e) * rows + min(r1, rows - 1)
-    sbw = cols >> 5
+           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):""")
+    emit(tile_head(tile_m, gate_up, True))
+    emit(f"""    sbw = cols >> 5
     n_stages = n_steps // {st}
     # two stage buffers: the next stage copies in (cp.async) while this one computes
     xs = cuda.shared.array({2 * tile_m * xsw}, uint32)""")
@@ -223,7 +189,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
 {ind}    m = idx // {4 * st}
 {ind}    u = idx - m * {4 * st}
 {ind}    cp_async16(xs, ({buf} * {tile_m} + m) * {xsw} + 4 * u, hx,
-{ind}               int64(xoff_s[m]) * cols + {16 * st} * ({stage}) + 4 * u)""")
+{ind}               int64(xrow_s[m]) * cols + {16 * st} * ({stage}) + 4 * u)""")
         if q4:
             # a block's first stage brings the block's sums
             emit(f"""{ind}if (({stage}) * {st}) & 15 == 0:
@@ -232,7 +198,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
 {ind}        m = idx >> 1
 {ind}        u = idx & 1
 {ind}        cp_async16(ss, ((sbi & 1) * {tile_m} + m) * {SS} + 4 * u, hsum,
-{ind}                   int64(xoff_s[m]) * sbw + 8 * sbi + 4 * u)""")
+{ind}                   int64(xrow_s[m]) * sbw + 8 * sbi + 4 * u)""")
 
     def headers(ind, pre, sb):
         for h, r in hr:

@@ -37,7 +37,7 @@ from .decoders import QInfo
 from .primitives import kernel as kernel_jit
 from .primitives import load4, mma_s8, mma_s8_k32, shared_load4, silu
 
-__all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout"]
+__all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout", "tile_head"]
 
 #: Warps a block, and weight rows a block (16 a warp).
 WARPS = 4
@@ -81,6 +81,49 @@ def mma_layout(rows: int):
     return 32 * WARPS, -(-rows // ROWS)
 
 
+def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
+    """Opening lines of a tensor-core kernel body (this one's and :mod:`.hmma`'s).
+
+    The block's expert ``e`` (the block exits past the padded run), lane
+    ``(g, i)``, each of its ``tile_m`` tokens' input row ``xrow_s`` and output
+    row ``orow_s`` (-1: padding) in shared memory (with ``scales`` also the
+    input row's ``xsc`` entry, ``xsc_s``), and the warp's weight rows ``r0``,
+    ``r1`` (global ``row0``, ``row1``).
+    """
+    src = f"""    mb = cuda.blockIdx.x
+    if mb * {tile_m} >= meta[1]:
+        return
+    e = block_expert[mb]
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    lane = tid & 31
+    g = lane >> 2
+    i = lane & 3
+    xrow_s = cuda.shared.array({tile_m}, int32)
+    orow_s = cuda.shared.array({tile_m}, int32)""" + (f"""
+    xsc_s = cuda.shared.array({tile_m}, float32)""" if scales else "") + f"""
+    for m in range(tid, {tile_m}, nthreads):
+        p = sorted_ids[mb * {tile_m} + m]
+        # padding reads row 0 (valid memory) and writes nothing
+        xr = 0
+        orow = -1
+        if p < num_pairs:
+            orow = pairs_by_token[p]
+            xr = {"p // top_k" if gate_up else "orow"}
+        xrow_s[m] = xr
+        orow_s[m] = orow"""
+    if scales:
+        src += """
+        xsc_s[m] = xsc[xr]"""
+    return src + f"""
+    cuda.syncthreads()
+    r0 = cuda.blockIdx.y * {ROWS} + (tid >> 5) * 16 + g
+    r1 = r0 + 8
+    # rows past the end read the last row (valid memory) and write nothing
+    row0 = int64(e) * rows + min(r0, rows - 1)
+    row1 = int64(e) * rows + min(r1, rows - 1)"""
+
+
 def _source(tile_m: int, gate_up: bool, center: int, wide: bool) -> str:
     """Python source of the kernel, its token tiles and accumulators written out.
 
@@ -90,34 +133,10 @@ def _source(tile_m: int, gate_up: bool, center: int, wide: bool) -> str:
     halves = range(2 if gate_up else 1)
     lines = []
     emit = lines.append
-    emit(f"""
+    emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
-           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
-    mb = cuda.blockIdx.x
-    if mb * {tile_m} >= meta[1]:
-        return
-    e = block_expert[mb]
-    tid = cuda.threadIdx.x
-    lane = tid & 31
-    g = lane >> 2
-    i = lane & 3
-    xoff_s = cuda.shared.array({tile_m}, int32)
-    orow_s = cuda.shared.array({tile_m}, int32)
-    for m in range(tid, {tile_m}, cuda.blockDim.x):
-        p = sorted_ids[mb * {tile_m} + m]
-        if p < num_pairs:
-            slot = pairs_by_token[p]
-            xoff_s[m] = int32({"p // top_k" if gate_up else "slot"}) * groups
-            orow_s[m] = slot
-        else:
-            xoff_s[m] = 0
-            orow_s[m] = -1
-    cuda.syncthreads()
-    r0 = cuda.blockIdx.y * {ROWS} + (tid >> 5) * 16 + g
-    r1 = r0 + 8
-    # rows past the end read the last row (valid memory) and write nothing
-    row0 = int64(e) * rows + min(r0, rows - 1)
-    row1 = int64(e) * rows + min(r1, rows - 1)""")
+           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):""")
+    emit(tile_head(tile_m, gate_up, False))
     for h in halves:
         for n in range(ntiles):
             emit("    " + " = ".join(f"c{h}_{n}_{k}" for k in range(4)) + " = float32(0)")
@@ -136,21 +155,21 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
     for ks0 in range(0, n_steps, {STAGE}):
         se = min({STAGE}, n_steps - ks0)
         cuda.syncthreads()
-        for idx in range(tid, {tile_m * 2 * STAGE}, cuda.blockDim.x):
+        for idx in range(tid, {tile_m * 2 * STAGE}, nthreads):
             m = idx // {2 * STAGE}
             u = idx - m * {2 * STAGE}
             if u < 2 * se:
-                w0, w1, w2, w3 = load4(xq, (xoff_s[m] + ks0) * 8 + 4 * u)
+                w0, w1, w2, w3 = load4(xq, (xrow_s[m] * groups + ks0) * 8 + 4 * u)
                 o = m * {XS} + 4 * u
                 xs[o] = w0
                 xs[o + 1] = w1
                 xs[o + 2] = w2
                 xs[o + 3] = w3
-        for idx in range(tid, {tile_m * STAGE}, cuda.blockDim.x):
+        for idx in range(tid, {tile_m * STAGE}, nthreads):
             m = idx // {STAGE}
             u = idx - m * {STAGE}
             if u < se:
-                f0, f1, f2, f3 = load4(xa, (xoff_s[m] + ks0 + u) * 12)
+                f0, f1, f2, f3 = load4(xa, (xrow_s[m] * groups + ks0 + u) * 12)
                 o = m * {AS} + 4 * u
                 as_[o] = f0
                 as_[o + 1] = f1

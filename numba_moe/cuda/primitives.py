@@ -201,28 +201,37 @@ if not SIMULATOR:
 
         return types.int32(a, b, c), codegen
 
-    def _mma_s8_asm(k: int, n_a: int, n_b: int):
-        """``codegen`` of ``mma.sync.aligned.m16n8k{k}`` on signed bytes: ``n_a``
-        A words, ``n_b`` B words, 4 C words in; 4 D words out."""
+    def _mma_asm(k: int, n_a: int, n_b: int, fp16: bool):
+        """``codegen`` of ``mma.sync.aligned.m16n8k{k}``: ``n_a`` A words, ``n_b``
+        B words and 4 accumulators in, 4 out; signed bytes with int32
+        accumulators, or (``fp16``) fp16 words with float32 accumulators."""
         regs = [f"${r}" for r in range(4 + n_a + n_b + 4)]
         groups = [regs[:4], regs[4:4 + n_a], regs[4 + n_a:4 + n_a + n_b], regs[4 + n_a + n_b:]]
-        text = (f"mma.sync.aligned.m16n8k{k}.row.col.s32.s8.s8.s32 "
+        kind = "f32.f16.f16.f32" if fp16 else "s32.s8.s8.s32"
+        text = (f"mma.sync.aligned.m16n8k{k}.row.col.{kind} "
                 + ", ".join("{" + ", ".join(g) + "}" for g in groups) + ";")
-        n_in = n_a + n_b + 4
-        constraints = ",".join(["=r"] * 4 + ["r"] * n_in)
+        acc = "f" if fp16 else "r"
+        n_w = n_a + n_b
+        constraints = ",".join([f"={acc}"] * 4 + ["r"] * n_w + [acc] * 4)
 
         def codegen(context, builder, sig, args):
             i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * n_in)
-            res = builder.call(ir.InlineAsm(fnty, text, constraints),
-                               [_as_i32(builder, v) for v in args])
+            aty = ir.FloatType() if fp16 else i32
+            fnty = ir.FunctionType(ir.LiteralStructType([aty] * 4), [i32] * n_w + [aty] * 4)
+            words = [_as_i32(builder, v) for v in args[:n_w]]
+            if fp16:
+                accs = [context.cast(builder, v, t, types.float32)
+                        for v, t in zip(args[n_w:], sig.args[n_w:])]
+            else:
+                accs = [_as_i32(builder, v) for v in args[n_w:]]
+            res = builder.call(ir.InlineAsm(fnty, text, constraints), words + accs)
             vals = [builder.extract_value(res, r) for r in range(4)]
             return context.make_tuple(builder, sig.return_type, vals)
 
         return codegen
 
-    _MMA_K16 = _mma_s8_asm(16, 2, 1)
-    _MMA_K32 = _mma_s8_asm(32, 4, 2)
+    _MMA_K16 = _mma_asm(16, 2, 1, False)
+    _MMA_K32 = _mma_asm(32, 4, 2, False)
 
     def _int_words_sig(args):
         if not all(isinstance(t, types.Integer) for t in args):
@@ -253,31 +262,8 @@ if not SIMULATOR:
         sig = _int_words_sig((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
         return None if sig is None else (sig, _MMA_K32)
 
-    def _f16_mma_asm(k: int, n_a: int, n_b: int):
-        """``codegen`` of ``mma.sync.aligned.m16n8k{k}`` on fp16 words, fp32
-        accumulate: ``n_a`` A words, ``n_b`` B words, 4 C floats in; 4 D floats out."""
-        regs = [f"${r}" for r in range(4 + n_a + n_b + 4)]
-        groups = [regs[:4], regs[4:4 + n_a], regs[4 + n_a:4 + n_a + n_b], regs[4 + n_a + n_b:]]
-        text = (f"mma.sync.aligned.m16n8k{k}.row.col.f32.f16.f16.f32 "
-                + ", ".join("{" + ", ".join(g) + "}" for g in groups) + ";")
-        constraints = ",".join(["=f"] * 4 + ["r"] * (n_a + n_b) + ["f"] * 4)
-
-        def codegen(context, builder, sig, args):
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            n_w = n_a + n_b
-            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * n_w + [f32] * 4)
-            words = [_as_i32(builder, v) for v in args[:n_w]]
-            accs = [context.cast(builder, v, t, types.float32)
-                    for v, t in zip(args[n_w:], sig.args[n_w:])]
-            res = builder.call(ir.InlineAsm(fnty, text, constraints), words + accs)
-            vals = [builder.extract_value(res, r) for r in range(4)]
-            return context.make_tuple(builder, sig.return_type, vals)
-
-        return codegen
-
-    _HMMA_K16 = _f16_mma_asm(16, 4, 2)
-    _HMMA_K8 = _f16_mma_asm(8, 2, 1)
+    _HMMA_K16 = _mma_asm(16, 4, 2, True)
+    _HMMA_K8 = _mma_asm(8, 2, 1, True)
 
     def _f16_mma_sig(words, accs):
         if not all(isinstance(t, types.Integer) for t in words):
