@@ -23,15 +23,13 @@ Per type there are three device functions:
   signed bytes of one 32-bit word (byte ``i`` = value ``4v + i``), for the
   ``dp4a`` GEMV (:mod:`.qgemv`); quantized types only.
 
-The tensor-core kernel (:mod:`.mma`) walks a row in *steps* of 16 columns
-(every quantized type keeps one scale over 16 aligned columns) and lane
-``i`` of a quad needs columns ``16 ks + 4i .. 16 ks + 4i + 3``:
+The integer tensor-core kernel (:mod:`.mma`, for Q5_K and Q8_0: Q4_K and
+Q6_K take the fp16 kernel of :mod:`.hmma`, which unpacks them itself) walks
+a row in *steps* of 32 columns, one scale each, and lane ``i`` of a quad
+needs columns ``32 kt + 4i .. + 3`` and ``32 kt + 16 + 4i .. + 3``:
 
-* ``kstep(wa, wb, wc, wd, row, ks, nb, i) -> (word, a, b)``: those four
-  codes (as ``codes4``) and the step's affine terms;
-* ``kstep32(wa, wb, wc, wd, row, kt, nb, i) -> (word, word_hi, a, b)``: the
-  same for steps of 32 columns (types whose scales span 32): the codes of
-  columns ``32 kt + 4i ..`` and ``32 kt + 16 + 4i ..``.
+* ``kstep32(wa, wb, wc, wd, row, kt, nb, i) -> (word, word_hi, a, b)``:
+  those codes (as ``codes4``) and the step's affine terms.
 
 ``unpack`` and ``decode`` (fetch + unpack) fill a whole chunk into a local
 array ``q`` for the tiled kernel; the GEMV kernel dequantizes four values at
@@ -65,9 +63,9 @@ class QInfo(NamedTuple):
         Values per storage block (``nb = cols // block_values``).
     fetch, affine, values4, unpack, decode, seg_col : CUDA device functions
         See the module docstring.
-    codes4, kstep, kstep32 : CUDA device functions or None
+    codes4, kstep32 : CUDA device functions or None
         See the module docstring; None for dense float32 weights
-        (``kstep32`` also for Q6_K, whose scales span 16 columns).
+        (``kstep32`` also for Q4_K and Q6_K, which :mod:`.hmma` reads).
     codes_center : int
         The middle of the code range (8 for Q4_K's 0..15, 32 for Q6_K, 0 for
         signed Q8_0): the GEMV's rounding error is that of ``code - center``.
@@ -89,7 +87,6 @@ class QInfo(NamedTuple):
     has_offset: bool
     codes4: Optional[Callable]
     codes_center: int
-    kstep: Optional[Callable]
     kstep32: Optional[Callable]
 
 
@@ -245,32 +242,6 @@ def q4k_codes4(raw, chunk, v, s):
 
 
 @device_inline
-def q4k_kstep(wa, wb, wc, wd, row, ks, nb, i):
-    # step ks of a row: block ks >> 4; in it, sub-block sb = (ks & 15) >> 1 in
-    # the low (sb even) or high nibbles of group j = sb >> 1, bytes 16p .. 16p+15
-    blk = row * nb + (ks >> 4)
-    kk = ks & 15
-    sb = kk >> 1
-    j = sb >> 1
-    h0, h1, h2, h3 = load4(wa, blk * 36)
-    word = wa[blk * 36 + 4 + 8 * j + 4 * (kk & 1) + i]
-    a, b = _kq_sub_affine(h0, h1, h2, h3, sb)
-    return (word >> uint32(4 * (sb & 1))) & _B4, a, b
-
-
-@device_inline
-def q4k_kstep32(wa, wb, wc, wd, row, kt, nb, i):
-    # sub-block sb = kt & 7: the low (even sb) or high nibbles of the 32 bytes of group sb >> 1
-    blk = row * nb + (kt >> 3)
-    sb = kt & 7
-    h0, h1, h2, h3 = load4(wa, blk * 36)
-    o = blk * 36 + 4 + 8 * (sb >> 1) + i
-    a, b = _kq_sub_affine(h0, h1, h2, h3, sb)
-    sh = uint32(4 * (sb & 1))
-    return (wa[o] >> sh) & _B4, (wa[o + 4] >> sh) & _B4, a, b
-
-
-@device_inline
 def q5k_fetch(wa, wb, wc, wd, row, chunk, nb):
     blk = row * nb + (chunk >> 3)
     c = chunk & 7
@@ -310,22 +281,6 @@ def q5k_codes4(raw, chunk, v, s):
     e = _pick4(v, e0, e1, e2, e3)
     bit = uint32(2 * ((chunk & 7) >> 1) + s)
     return ((w >> uint32(4 * s)) & _B4) | (((e >> bit) & _B1) << uint32(4))
-
-
-@device_inline
-def q5k_kstep(wa, wb, wc, wd, row, ks, nb, i):
-    # as Q4_K; bit 4 of value l of group j: bit 2j + half of qh byte l
-    blk = row * nb + (ks >> 4)
-    kk = ks & 15
-    sb = kk >> 1
-    j = sb >> 1
-    p = kk & 1
-    h0, h1, h2, h3 = load4(wa, blk * 44)
-    word = wa[blk * 44 + 12 + 8 * j + 4 * p + i]
-    qh = wa[blk * 44 + 4 + 4 * p + i]
-    a, b = _kq_sub_affine(h0, h1, h2, h3, sb)
-    codes = ((word >> uint32(4 * (sb & 1))) & _B4) | (((qh >> uint32(sb)) & _B1) << uint32(4))
-    return codes, a, b
 
 
 @device_inline
@@ -429,22 +384,6 @@ def q6k_codes4(raw, chunk, v, s):
 
 
 @device_inline
-def q6k_kstep(wa, wb, wc, wd, row, ks, nb, i):
-    # step ks: half n = (ks & 15) >> 3, table row q = (ks & 7) >> 1, l = 16 (ks & 1) + 4i
-    blk = row * nb + (ks >> 4)
-    kk = ks & 15
-    n = kk >> 3
-    q = (kk & 7) >> 1
-    lh = kk & 1
-    ql = wa[blk * 32 + 16 * n + 8 * (q & 1) + 4 * lh + i]
-    qh = wb[blk * 16 + 8 * n + 4 * lh + i]
-    codes = ((ql >> uint32(4 * (q >> 1))) & _B4) | (((qh >> uint32(2 * q)) & _B2) << uint32(4))
-    idx = 8 * n + lh + 2 * q
-    a = float32(wd[blk]) * float32(sbyte(wc[blk * 4 + (idx >> 2)], uint32(8 * (idx & 3))))
-    return codes, a, float32(32) * a
-
-
-@device_inline
 def q6k_seg_col(chunk, s):
     c = chunk & 7
     return (chunk >> 3) * 256 + (c >> 2) * 128 + (c & 3) * 8 + s * 32
@@ -486,12 +425,6 @@ def q80_values4(raw, chunk, v, s):
 def q80_codes4(raw, chunk, v, s):
     w0, w1, w2, w3, w4, w5, w6, w7, d = raw
     return _pick4(v, w0, w1, w2, w3) if s == 0 else _pick4(v, w4, w5, w6, w7)
-
-
-@device_inline
-def q80_kstep(wa, wb, wc, wd, row, ks, nb, i):
-    blk = row * nb + (ks >> 1)
-    return wa[blk * 8 + 4 * (ks & 1) + i], float32(wd[blk]), float32(0)
 
 
 @device_inline
@@ -555,22 +488,21 @@ def _decoder(fetch, unpack):
 
 
 def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset,
-          codes4=None, codes_center=0, kstep=None, kstep32=None):
+          codes4=None, codes_center=0, kstep32=None):
     unpack = _unpacker(affine, values4, nseg, seglen)
     return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
-                 _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center,
-                 kstep, kstep32)
+                 _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center, kstep32)
 
 
 #: Decoder table, by the type the device arrays hold.
 QINFO = {
     Q.Q4_K: _info(Q.Q4_K, 2, 16, 256, q4k_fetch, q4k_affine, q4k_values4, kq_seg_col, True,
-                  q4k_codes4, 8, q4k_kstep, q4k_kstep32),
+                  q4k_codes4, 8),
     Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True,
-                  q5k_codes4, 16, q5k_kstep, q5k_kstep32),
+                  q5k_codes4, 16, q5k_kstep32),
     Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True,
-                  q6k_codes4, 32, q6k_kstep),
+                  q6k_codes4, 32),
     Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False,
-                  q80_codes4, kstep=q80_kstep, kstep32=q80_kstep32),
+                  q80_codes4, kstep32=q80_kstep32),
     F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),
 }

@@ -25,15 +25,17 @@ Block ``(mb, nb)``: tokens ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]``
 of expert ``block_expert[mb]`` times 64 weight rows (and the 64 matching up
 rows in ``gate_up`` mode), 4 warps of 16 rows; a warp holds all ``tile_m``
 tokens as ``tile_m / 8`` mma tiles.  Lane ``(g, i)`` reads the weight word
-of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g + 8`` per step (the
-next step's while this one computes) and unpacks it into two fp16 pairs
-with the exponent trick ``half(0x6400 | n) = 1024 + n`` and one ``fma.f16x2``
-that subtracts the 1024 and multiplies by the scale (exact: one rounding of
-an exact integer).  The block's activation words are staged in shared
+of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g + 8`` per step and
+unpacks it into two fp16 pairs with the exponent trick ``half(0x6400 | n) =
+1024 + n`` and one ``fma.f16x2`` that subtracts the 1024 and multiplies by
+the scale (exact: one rounding of an exact integer).  The block's activation words are staged in shared
 memory :func:`stage_steps` steps at a time, in two buffers (``cp.async``
 copies the next stage while this one computes), read with one 16-byte load
 per tile and step; the weight words load :data:`PREFETCH` steps ahead and
 the block headers one block ahead.
+
+Measured (H100, Qwen3-30B-A3B layer): T=512 1837 -> 1283 us, T=4096 8531 ->
+6376 us against the integer kernel; outputs within about 2e-7 of float64.
 """
 from __future__ import annotations
 
@@ -42,11 +44,10 @@ import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
 from .decoders import _B2, _B4, _pick4, kq_scale_min, sbyte
-from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
-from .primitives import hfma2, load4, mma_f16, mma_f16_k8
-from .primitives import kernel as kernel_jit
 from .mma import ROWS, WARPS, tile_head
-from .primitives import pack_half2, shared_load4, silu
+from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
+from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, shared_load4, silu
+from .primitives import kernel as kernel_jit
 
 __all__ = ["TYPES", "PREFETCH", "stage_steps", "hmma_kernel", "hmma_layout"]
 

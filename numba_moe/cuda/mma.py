@@ -3,12 +3,12 @@
 For many tokens per expert the GEMM is bound by arithmetic, and the SIMT
 tiled kernel of :mod:`.gemm` (float32 FMAs after a float decode) reaches
 about 20 TFLOP/s.  Here the weights stay integer codes (the decoders'
-``kstep`` / ``kstep32``) and the activations are the 16-bit codes of :mod:`.actquant`
+``kstep32``) and the activations are the 16-bit codes of :mod:`.actquant`
 (two signed byte planes), so the products run on the tensor cores, one
-*step* at a time: 32 columns (``mma.m16n8k32``,
-:func:`~.primitives.mma_s8_k32`, ``kstep32``) for the types whose scales
-span 32 columns, 16 (``mma.m16n8k16``, :func:`~.primitives.mma_s8`,
-``kstep``) for Q6_K.  Within a step every weight row has one scale and
+*step* of 32 columns at a time (``mma.m16n8k32``,
+:func:`~.primitives.mma_s8_k32`).  This kernel serves Q5_K and Q8_0; Q4_K
+and Q6_K take the fp16 kernel of :mod:`.hmma`, which needs no per-step
+epilogue.  Within a step every weight row has one scale and
 offset ``(a, b)`` and every token one code scale ``d`` (with its sums ``s``
 and rounding ``r``), so per output element and step::
 
@@ -35,7 +35,7 @@ from numba import cuda, float32, int32, int64, uint32
 
 from .decoders import QInfo
 from .primitives import kernel as kernel_jit
-from .primitives import load4, mma_s8, mma_s8_k32, shared_load4, silu
+from .primitives import load4, mma_s8_k32, shared_load4, silu
 
 __all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout", "tile_head"]
 
@@ -54,7 +54,7 @@ _cache = {}
 
 
 def mma_kernel(qi: QInfo, gate_up: bool, tile_m: int):
-    """The tensor-core kernel for quantized weights of type ``qi`` (``qi.kstep`` set).
+    """The tensor-core kernel for quantized weights of type ``qi`` (``qi.kstep32`` set).
 
     Signature::
 
@@ -124,11 +124,10 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
     row1 = int64(e) * rows + min(r1, rows - 1)"""
 
 
-def _source(tile_m: int, gate_up: bool, center: int, wide: bool) -> str:
-    """Python source of the kernel, its token tiles and accumulators written out.
-
-    ``wide``: steps of 32 columns (``kstep32``, ``mma.m16n8k32``; the
-    activation scale is shared by 32 columns), else of 16."""
+def _source(tile_m: int, gate_up: bool, center: int) -> str:
+    """Python source of the kernel, its token tiles and accumulators written out
+    (steps of 32 columns: ``kstep32``, ``mma.m16n8k32``; the activation scale
+    is shared by the step's two 16-column groups)."""
     ntiles = tile_m // 8
     halves = range(2 if gate_up else 1)
     lines = []
@@ -144,10 +143,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
     fetch = [("00", "wa, wb, wc, wd", "row0"), ("01", "wa, wb, wc, wd", "row1")]
     if gate_up:
         fetch += [("10", "va, vb, vc, vd", "row0"), ("11", "va, vb, vc, vd", "row1")]
-    # wide steps: the weight codes of columns 16..31 of the step in v*
-    dec = "nw{0}, nv{0}, na{0}, nb{0} = kstep32" if wide else "nw{0}, na{0}, nb{0} = kstep"
-    cur = "w{0}, v{0}, a{0}, b{0} = nw{0}, nv{0}, na{0}, nb{0}" if wide \
-        else "w{0}, a{0}, b{0} = nw{0}, na{0}, nb{0}"
+    # the weight codes of columns 16..31 of the step in v*
+    dec = "nw{0}, nv{0}, na{0}, nb{0} = kstep32"
+    cur = "w{0}, v{0}, a{0}, b{0} = nw{0}, nv{0}, na{0}, nb{0}"
     for name, planes, row in fetch:
         emit(f"    {dec.format(name)}({planes}, {row}, 0, nb, i)")
     emit(f"""    xs = cuda.shared.array({tile_m * XS}, uint32)
@@ -176,9 +174,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
                 as_[o + 2] = f2
                 as_[o + 3] = f3
         cuda.syncthreads()
-        for kss in range(0, se, {2 if wide else 1}):
+        for kss in range(0, se, 2):
             ks = ks0 + kss
-            kn = {"min((ks >> 1) + 1, (n_steps >> 1) - 1)" if wide else "min(ks + 1, n_steps - 1)"}""")
+            kn = min((ks >> 1) + 1, (n_steps >> 1) - 1)""")
     for name, planes, row in fetch:
         emit(f"            {cur.format(name)}")
         emit(f"            {dec.format(name)}({planes}, {row}, kn, nb, i)")
@@ -194,25 +192,20 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
         emit(f"{ind}lb = xs[xb + {tx + 4}]")
         for tok in (0, 1):
             emit(f"{ind}d{tok}, s{tok}, q{tok}, _ = shared_load4(as_, ab + {ta + tok * AS})")
-        if wide:
-            # the step's second group: its codes, and its sums added to the first's
-            emit(f"{ind}hb2 = xs[xb + {tx + 8}]")
-            emit(f"{ind}lb2 = xs[xb + {tx + 12}]")
-            for tok in (0, 1):
-                emit(f"{ind}_, s2, q2, _ = shared_load4(as_, ab + {ta + tok * AS + 4})")
-                emit(f"{ind}s{tok} += s2")
-                emit(f"{ind}q{tok} += q2")
+        # the step's second group: its codes, and its sums added to the first's
+        emit(f"{ind}hb2 = xs[xb + {tx + 8}]")
+        emit(f"{ind}lb2 = xs[xb + {tx + 12}]")
+        for tok in (0, 1):
+            emit(f"{ind}_, s2, q2, _ = shared_load4(as_, ab + {ta + tok * AS + 4})")
+            emit(f"{ind}s{tok} += s2")
+            emit(f"{ind}q{tok} += q2")
         if center:
             emit(f"{ind}q0 *= float32({center})")
             emit(f"{ind}q1 *= float32({center})")
         for h in halves:
-            if wide:
-                emit(f"""{ind}t0, t1, t2, t3 = mma_s8_k32(w{h}0, w{h}1, v{h}0, v{h}1, hb, hb2, 0, 0, 0, 0)
+            emit(f"""{ind}t0, t1, t2, t3 = mma_s8_k32(w{h}0, w{h}1, v{h}0, v{h}1, hb, hb2, 0, 0, 0, 0)
 {ind}t0, t1, t2, t3 = mma_s8_k32(w{h}0, w{h}1, v{h}0, v{h}1, lb, lb2,
 {ind}                            t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
-            else:
-                emit(f"""{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, hb, 0, 0, 0, 0)
-{ind}t0, t1, t2, t3 = mma_s8(w{h}0, w{h}1, lb, t0 << 8, t1 << 8, t2 << 8, t3 << 8)""")
             for k, (tok, rowk) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
                 # a (d t + c r) - b s as three fused multiply-adds
                 f = f"cuda.fma(d{tok}, float32(t{k}), q{tok})" if center else f"d{tok} * float32(t{k})"
@@ -228,9 +221,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
 
 
 def _make(qi: QInfo, gate_up: bool, tile_m: int, min_blocks: int):
-    src = _source(tile_m, gate_up, qi.codes_center, qi.kstep32 is not None)
+    src = _source(tile_m, gate_up, qi.codes_center)
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
-              kstep=qi.kstep, kstep32=qi.kstep32, load4=load4, shared_load4=shared_load4,
-              mma_s8=mma_s8, mma_s8_k32=mma_s8_k32, silu=silu)
+              kstep32=qi.kstep32, load4=load4, shared_load4=shared_load4,
+              mma_s8_k32=mma_s8_k32, silu=silu)
     exec(compile(src, f"<mma {qi.qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
     return kernel_jit(launch_bounds=(32 * WARPS, min_blocks))(ns["kernel"])

@@ -20,7 +20,7 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
-           "dp4a", "mma_s8", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
+           "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
            "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
            "silu", "block_exclusive_scan", "next_pow2"]
 
@@ -230,7 +230,6 @@ if not SIMULATOR:
 
         return codegen
 
-    _MMA_K16 = _mma_asm(16, 2, 1, False)
     _MMA_K32 = _mma_asm(32, 4, 2, False)
 
     def _int_words_sig(args):
@@ -239,25 +238,15 @@ if not SIMULATOR:
         return types.UniTuple(types.int32, 4)(*args)
 
     @intrinsic
-    def mma_s8(typingctx, a0, a1, b0, c0, c1, c2, c3):
-        """One warp-wide ``mma.sync.m16n8k16`` on signed bytes, int32 accumulate.
-
-        ``D (16x8) = A (16x16) @ B (16x8) + C``.  Lane ``l`` (group ``g = l >> 2``,
-        ``i = l & 3``) holds bytes ``A[g, 4i:4i+4]`` in ``a0``, ``A[g+8, 4i:4i+4]``
-        in ``a1``, ``B[4i:4i+4, g]`` in ``b0``, and ``C``/``D`` elements
-        ``[g, 2i]``, ``[g, 2i+1]``, ``[g+8, 2i]``, ``[g+8, 2i+1]``.  Every lane
-        of the warp must execute it.
-        """
-        sig = _int_words_sig((a0, a1, b0, c0, c1, c2, c3))
-        return None if sig is None else (sig, _MMA_K16)
-
-    @intrinsic
     def mma_s8_k32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        """As :func:`mma_s8` with ``mma.sync.m16n8k32``: ``A`` 16x32, ``B`` 32x8.
+        """One warp-wide ``mma.sync.m16n8k32`` on signed bytes, int32 accumulate.
 
-        Lane ``(g, i)`` holds ``A[g, 4i:4i+4]`` (``a0``), ``A[g+8, 4i:4i+4]``
+        ``D (16x8) = A (16x32) @ B (32x8) + C``.  Lane ``l`` (group ``g = l >> 2``,
+        ``i = l & 3``) holds ``A[g, 4i:4i+4]`` (``a0``), ``A[g+8, 4i:4i+4]``
         (``a1``), ``A[g, 16+4i:20+4i]`` (``a2``), ``A[g+8, 16+4i:20+4i]``
-        (``a3``), ``B[4i:4i+4, g]`` (``b0``), ``B[16+4i:20+4i, g]`` (``b1``).
+        (``a3``), ``B[4i:4i+4, g]`` (``b0``), ``B[16+4i:20+4i, g]`` (``b1``), and
+        ``C``/``D`` elements ``[g, 2i]``, ``[g, 2i+1]``, ``[g+8, 2i]``,
+        ``[g+8, 2i+1]``.  Every lane of the warp must execute it.
         """
         sig = _int_words_sig((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
         return None if sig is None else (sig, _MMA_K32)
@@ -492,11 +481,6 @@ else:
         cuda.syncthreads()
         return (np.int32(c0 + d[g, 2 * i]), np.int32(c1 + d[g, 2 * i + 1]),
                 np.int32(c2 + d[g + 8, 2 * i]), np.int32(c3 + d[g + 8, 2 * i + 1]))
-
-    @cuda.jit(device=True)
-    def mma_s8(a0, a1, b0, c0, c1, c2, c3):
-        # the k=16 product is the k=32 one with the upper 16 columns zero
-        return mma_s8_k32(a0, a1, 0, 0, b0, 0, c0, c1, c2, c3)
 
     def _halves(words):
         """fp16 pairs of uint32 words as float64, shape (n, 2) (low half first)."""
