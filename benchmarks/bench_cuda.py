@@ -70,7 +70,7 @@ def phase_times(st, t, reps=20, inner=10):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=sorted(VLLM_US))
+    ap.add_argument("--tokens", type=int, nargs="+", default=sorted(set(VLLM_US) | {128}))
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--phases", action="store_true")
     ap.add_argument("--paths", action="store_true")
@@ -78,7 +78,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="CUDA_LAUNCH.gemv_min_blocks")
     ap.add_argument("--per-lane", type=int, default=None,
                     help="CUDA_LAUNCH.gemv_chunks_per_lane")
-    ap.add_argument("--gemv-max", type=int, default=None, help="CUDA_LAUNCH.gemv_max_tokens")
+    ap.add_argument("--gemv-max", type=int, default=None,
+                    help="CUDA_LAUNCH.gemv_max_tokens and gemv_max_tokens_fp16")
     ap.add_argument("--router-max", type=int, default=None,
                     help="CUDA_LAUNCH.router_gemv_max_tokens")
     ap.add_argument("--tile-m", type=int, default=None,
@@ -93,7 +94,7 @@ def main(argv=None):
     if args.per_lane:
         CUDA_LAUNCH.gemv_chunks_per_lane = args.per_lane
     if args.gemv_max is not None:
-        CUDA_LAUNCH.gemv_max_tokens = args.gemv_max
+        CUDA_LAUNCH.gemv_max_tokens = CUDA_LAUNCH.gemv_max_tokens_fp16 = args.gemv_max
     if args.router_max is not None:
         CUDA_LAUNCH.router_gemv_max_tokens = args.router_max
     if args.tile_m:
@@ -131,14 +132,14 @@ def main(argv=None):
             print(f"T={t}: " + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in ph.items())
                   + f" us (sum {sum(ph.values()) * 1e6:.1f})")
         if args.paths and 16 <= t <= 512:
-            saved = CUDA_LAUNCH.gemv_max_tokens
+            saved = CUDA_LAUNCH.gemv_max_tokens, CUDA_LAUNCH.gemv_max_tokens_fp16
             for name, lim in (("gemv", 1 << 30), ("tiled", 0)):
-                CUDA_LAUNCH.gemv_max_tokens = lim
+                CUDA_LAUNCH.gemv_max_tokens = CUDA_LAUNCH.gemv_max_tokens_fp16 = lim
                 st.graphs.clear()
                 layer(d_x, device="cuda")
                 layer(d_x, device="cuda")
                 print(f"T={t}: {name} path {time_graph(st, t, args.reps) * 1e6:.1f} us")
-            CUDA_LAUNCH.gemv_max_tokens = saved
+            CUDA_LAUNCH.gemv_max_tokens, CUDA_LAUNCH.gemv_max_tokens_fp16 = saved
             st.graphs.clear()
     print()
     print(f"{'T':>5} {'experts':>7} {'ours us':>9} {'call us':>9} {'floor us':>9} "

@@ -60,6 +60,7 @@ def test_forward_kquants_tiled(make_model, monkeypatch):
     # Q4_K / Q6_K on the tiled path take the fp16 tensor-core kernel (its
     # simulator twin here), 256-wide rows
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens", 0)
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens_fp16", 0)
     layer = _layer(make_model, "kq_tiled", arch="qwen3moe", hidden_size=256,
                    expert_intermediate=256, num_experts=4, top_k=2,
                    gate_type="Q4_K", up_type="Q4_K", down_type="Q6_K", init="random_blocks")
