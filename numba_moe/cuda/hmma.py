@@ -167,6 +167,8 @@ def stage_steps(tile_m: int) -> int:
 def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     """Python source of the kernel, its steps, token tiles and accumulators written out."""
     st = stage_steps(tile_m)
+    # the ring slot of a step is its index in the stage modulo PREFETCH
+    assert st % PREFETCH == 0, "a stage must hold whole prefetch rings"
     xsw = 16 * st + 16
     ntiles = tile_m // 8
     halves = range(2 if gate_up else 1)
