@@ -6,6 +6,7 @@ larger k-quant layers, CUDA graphs, growing batches and foreign device arrays
 run on a real GPU only.
 """
 import cuda_backend  # noqa: F401  (must precede numba.cuda)
+import gguf
 import numpy as np
 import pytest
 from cuda_backend import gpu_only, need_cuda
@@ -59,12 +60,28 @@ def test_forward_matches_reference(make_model, name, kernel, monkeypatch):
 def test_forward_kquants_tiled(make_model, monkeypatch):
     # Q4_K / Q6_K on the tiled path take the fp16 tensor-core kernel (its
     # simulator twin here), 256-wide rows
+    import numba_moe.cuda.matmul as matmul
+
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens", 0)
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_max_tokens_fp16", 0)
+    built = []
+    make = matmul.hmma_kernel
+    monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[:2]) or make(*a))
     layer = _layer(make_model, "kq_tiled", arch="qwen3moe", hidden_size=256,
                    expert_intermediate=256, num_experts=4, top_k=2,
                    gate_type="Q4_K", up_type="Q4_K", down_type="Q6_K", init="random_blocks")
     _check_forward(layer, 3, seed=9)
+    Q = gguf.GGMLQuantizationType
+    assert built == [(Q.Q4_K, True), (Q.Q6_K, False)]
+
+
+def test_routed_tile_follows_mean_tokens(monkeypatch):
+    from numba_moe.cuda.forward import routed_tile
+
+    monkeypatch.setattr(CUDA_LAUNCH, "tile_m_small", 32)
+    means = [0.1, 1, 4, 4.5, 8, 16, 32, 64, 65, 256]
+    assert [routed_tile(m, 64) for m in means] == [8, 8, 8, 16, 16, 32, 32, 32, 64, 64]
+    assert [routed_tile(m, 16) for m in (1, 8, 16, 17)] == [8, 16, 16, 16]
 
 
 def test_forward_device_input_stays_on_device(make_model):

@@ -383,6 +383,19 @@ def test_gemm_float_kernels_without_integer_units(kernel, qtype, cols, monkeypat
     assert _rel(got.copy_to_host(), _gemm_reference(g, u, x, ids)) < FLOAT_TOL
 
 
+def test_tiled_activation_format_by_type():
+    # Q4_K / Q6_K: fp16 pairs for the fp16 tensor-core kernel; Q5_K / Q8_0:
+    # 16-bit codes for the integer one; the GEMV always reads codes
+    from numba_moe.cuda.matmul import uses_codes, uses_split
+    from numba_moe.cuda.weights import upload_weights
+
+    rng = np.random.default_rng(22)
+    for qtype, split in ((Q.Q4_K, True), (Q.Q6_K, True), (Q.Q5_K, False), (Q.Q8_0, False)):
+        w = upload_weights(_random_tensor(qtype, 1, 4, 256, rng, "w"))
+        assert (uses_split(w, False), uses_codes(w, False)) == (split, not split)
+        assert (uses_split(w, True), uses_codes(w, True)) == (False, True)
+
+
 @gpu_only
 @pytest.mark.cuda
 @pytest.mark.filterwarnings("ignore:.*(no native kernel|dequantiz)")

@@ -44,12 +44,12 @@ import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
 from .decoders import _B2, _B4, _pick4, kq_scale_min, sbyte
-from .mma import ROWS, WARPS, tile_head
+from .mma import WARPS, tile_head
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["TYPES", "PREFETCH", "stage_steps", "hmma_kernel", "hmma_layout"]
+__all__ = ["TYPES", "PREFETCH", "stage_steps", "hmma_kernel"]
 
 Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
@@ -84,17 +84,13 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int):
     ``hsum``, ``xs``: the input rows split by :mod:`.actsplit`; input row of
     pair ``p``: token ``p // top_k`` (gate_up) or slot ``pairs_by_token[p]``
     (plain); output row: that slot.  ``tile_m`` (a multiple of 8) is the
-    plan's block size.
+    plan's block size; ``n_blocks`` and the block size as for the integer
+    kernel (:func:`~numba_moe.cuda.mma.mma_layout`).
     """
     key = (qtype, gate_up, tile_m)
     if key not in _cache:
         _cache[key] = _make(qtype, gate_up, tile_m)
     return _cache[key]
-
-
-def hmma_layout(rows: int):
-    """``(threads, n_blocks)`` of the launch for ``rows`` output rows."""
-    return 32 * WARPS, -(-rows // ROWS)
 
 
 # Q4_K (layout in :mod:`.decoders`): step ks of a row is sub-block

@@ -551,73 +551,69 @@ else:
         return np.float32(lo), np.float32(hi)
 
     @cuda.jit(device=True)
-    def seg_sum(v, width):
-        buf = cuda.shared.array(_MAX_THREADS, float32)
-        tid = cuda.threadIdx.x
-        buf[tid] = v
+    def _block_values(v, dtype):
+        """Every thread's ``v`` (a copy, indexed by thread), exchanged through
+        shared memory between two barriers: the simulator's shuffle."""
+        # one allocation line per dtype: the simulator keys static shared arrays by line
+        if dtype == float64:
+            buf = cuda.shared.array(_MAX_THREADS, float64)
+        elif dtype == int32:
+            buf = cuda.shared.array(_MAX_THREADS, int32)
+        else:
+            buf = cuda.shared.array(_MAX_THREADS, float32)
+        buf[cuda.threadIdx.x] = v
         cuda.syncthreads()
+        vals = buf.copy()
+        cuda.syncthreads()
+        return vals
+
+    @cuda.jit(device=True)
+    def seg_sum(v, width):
+        vals = _block_values(v, float32)
+        tid = cuda.threadIdx.x
         base = tid - tid % width
         s = float32(0)
         for k in range(width):
-            s += buf[base + k]
-        cuda.syncthreads()
+            s += vals[base + k]
         return s
 
     @cuda.jit(device=True)
     def pair_max(v):
-        buf = cuda.shared.array(_MAX_THREADS, float32)
-        tid = cuda.threadIdx.x
-        buf[tid] = v
-        cuda.syncthreads()
-        o = buf[tid ^ 1]
-        cuda.syncthreads()
+        o = _block_values(v, float32)[cuda.threadIdx.x ^ 1]
         return o if (o > v or o != o) else v
 
     @cuda.jit(device=True)
     def warp_sum64(v):
-        buf = cuda.shared.array(_MAX_THREADS, float64)
-        tid = cuda.threadIdx.x
-        buf[tid] = v
-        cuda.syncthreads()
-        base = tid - tid % 32
+        vals = _block_values(v, float64)
+        base = cuda.threadIdx.x // 32 * 32
         s = float64(0)
         for k in range(32):
-            s += buf[base + k]
-        cuda.syncthreads()
+            s += vals[base + k]
         return s
 
     @cuda.jit(device=True)
     def warp_max64(v):
-        buf = cuda.shared.array(_MAX_THREADS, float64)
-        tid = cuda.threadIdx.x
-        buf[tid] = v
-        cuda.syncthreads()
-        base = tid - tid % 32
-        m = buf[base]
+        vals = _block_values(v, float64)
+        base = cuda.threadIdx.x // 32 * 32
+        m = vals[base]
         for k in range(1, 32):
-            if buf[base + k] > m:
-                m = buf[base + k]
-        cuda.syncthreads()
+            if vals[base + k] > m:
+                m = vals[base + k]
         return m
 
     @cuda.jit(device=True)
     def warp_argmax(v, i):
-        vbuf = cuda.shared.array(_MAX_THREADS, float32)
-        ibuf = cuda.shared.array(_MAX_THREADS, int32)
-        tid = cuda.threadIdx.x
-        vbuf[tid] = v
-        ibuf[tid] = i
-        cuda.syncthreads()
-        base = tid - tid % 32
-        bv = vbuf[base]
-        bi = ibuf[base]
+        vs = _block_values(v, float32)
+        idx = _block_values(i, int32)
+        base = cuda.threadIdx.x // 32 * 32
+        bv = vs[base]
+        bi = idx[base]
         for k in range(1, 32):
-            ov = vbuf[base + k]
-            oi = ibuf[base + k]
+            ov = vs[base + k]
+            oi = idx[base + k]
             if ov > bv or (ov == bv and oi < bi):
                 bv = ov
                 bi = oi
-        cuda.syncthreads()
         return bv, bi
 
     @cuda.jit(device=True)
