@@ -72,7 +72,8 @@ def test_forward_kquants_tiled(make_model, monkeypatch):
                    gate_type="Q4_K", up_type="Q4_K", down_type="Q6_K", init="random_blocks")
     _check_forward(layer, 3, seed=9)
     Q = gguf.GGMLQuantizationType
-    assert built == [(Q.Q4_K, True), (Q.Q6_K, False)]
+    # on a GPU the first call also captures a graph: a second lookup per kernel
+    assert set(built) == {(Q.Q4_K, True), (Q.Q6_K, False)}
 
 
 def test_routed_tile_follows_mean_tokens(monkeypatch):
