@@ -147,9 +147,11 @@ def test_plan_large_matches_cpu(t):
     _check_plan(ids, 128, 64)
 
 
+@pytest.mark.parametrize("codes", [False, True])
 @pytest.mark.parametrize("t", [1, 11])
-def test_router_logits_match_reference(t):
-    # 11 tokens: two passes of 8; lstride 7 > 5 rows leaves a column unwritten
+def test_router_logits_match_reference(t, codes):
+    # 11 tokens: two passes of 8; lstride 7 > 5 rows leaves a column unwritten;
+    # with codes, the same launch quantizes x as launch_quantize does
     from numba_moe.cuda.router import launch_router
 
     rng = np.random.default_rng(t)
@@ -157,12 +159,18 @@ def test_router_logits_match_reference(t):
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     x = rng.standard_normal((t, cols)).astype(np.float32)
     logits = _poison(t * lstride, np.float32)
+    nq, na = quantized_sizes(x.size)
+    out = (cuda.to_device(np.full(nq, 0xDEADBEEF, np.uint32)), _poison(na, np.float32))
     launch_router(cuda.to_device(w.ravel()), cuda.to_device(x.ravel()), t, rows, cols, lstride,
-                  logits, CUDA_LAUNCH.router_threads, 0)
+                  logits, CUDA_LAUNCH.router_threads, 0, out if codes else None)
     got = logits.copy_to_host().reshape(t, lstride)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     np.testing.assert_allclose(got[:, :rows], ref, rtol=1e-5, atol=1e-5)
     assert np.isnan(got[:, rows:]).all()
+    if codes:
+        xq, xa = _quantize(x.ravel())
+        np.testing.assert_array_equal(out[0].copy_to_host(), xq)
+        np.testing.assert_array_equal(out[1].copy_to_host(), xa)
 
 
 def test_plan_rejects_bad_ids():

@@ -44,7 +44,8 @@ from numba import cuda, float32, int32, int64, uint32
 
 from .primitives import load4, pair_max
 
-__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "launch_quantize", "quantize_reference"]
+__all__ = ["GROUP", "CODE_MAX", "quantized_sizes", "quantize_groups", "launch_quantize",
+           "quantize_reference"]
 
 #: Columns per activation group.
 GROUP = 16
@@ -123,16 +124,25 @@ def _quantize_group(x, i, amax, xq, xa):
     xa[o + 11] = float32(0)
 
 
+@cuda.jit(device=True)
+def quantize_groups(x, first, stride, n_groups, xq, xa):
+    """Groups ``first, first + stride, ...`` of the flat ``x`` quantized by the
+    calling thread (a grid-stride loop, ``stride`` and ``first`` even);
+    threads ``2k`` and ``2k + 1`` agree on their pair's scale.  Every thread
+    of a warp makes the same number of rounds: past the end it redoes the
+    last pair (the exchange needs both lanes) and stores nothing."""
+    for base in range(0, n_groups, stride):
+        i = base + first
+        g = min(i, n_groups - 2 + (i & 1))
+        amax = pair_max(_amax16(x, int64(g) * 16))
+        if i < n_groups:
+            _quantize_group(x, g, amax, xq, xa)
+
+
 @cuda.jit
 def _quantize_kernel(x, n_groups, xq, xa):
-    """Thread ``i`` quantizes group ``i`` of the flat ``x``; threads ``2k`` and
-    ``2k + 1`` agree on their pair's scale.  Threads past the end redo the
-    last pair (every thread reaches the exchange) and store nothing."""
-    i = cuda.grid(1)
-    g = min(i, n_groups - 2 + (i & 1))
-    amax = pair_max(_amax16(x, int64(g) * 16))
-    if i < n_groups:
-        _quantize_group(x, g, amax, xq, xa)
+    """Thread ``i`` quantizes group ``i`` of the flat ``x``."""
+    quantize_groups(x, cuda.grid(1), cuda.gridsize(1), n_groups, xq, xa)
 
 
 def launch_quantize(x, values: int, xq, xa, stream) -> None:

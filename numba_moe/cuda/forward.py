@@ -25,7 +25,8 @@ Dense (float32) experts take the float GEMV and the SIMT tiled kernel of
 :mod:`.gemm` instead.  The router (dense, E rows) runs one block per row up
 to ``CUDA_LAUNCH.router_block_max_tokens`` tokens (:mod:`.router`), the
 float GEMV up to ``CUDA_LAUNCH.router_gemv_max_tokens``, the tiled kernel
-above.
+above; the per-row router kernel also writes the codes of ``x`` (one launch
+less in a decode step).
 """
 from __future__ import annotations
 
@@ -340,20 +341,22 @@ class CudaMoE:
         plan_threads = min(CUDA_LAUNCH.scan_threads,
                            max(32, next_pow2(max(e, -(-p // PAIRS_PER_THREAD)))))
 
-        def router():
-            if n_tok <= CUDA_LAUNCH.router_block_max_tokens:
-                w = self.router
-                launch_router(w.planes[0], b.x, n_tok, w.rows, w.cols, self.lstride, b.logits,
-                              CUDA_LAUNCH.router_threads, s)
-                return
-            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
-                       router_small, splits, nt_tok)
-
         sh = self.shared
         x_codes = uses_codes(self.gate, small) or (sh is not None
                                                    and uses_codes(sh[0], shared_small))
         x_split = uses_split(self.gate, small) or (sh is not None
                                                    and uses_split(sh[0], shared_small))
+        router_block = n_tok <= CUDA_LAUNCH.router_block_max_tokens
+
+        def router():
+            if router_block:
+                # the router's launch also writes x's codes
+                w = self.router
+                launch_router(w.planes[0], b.x, n_tok, w.rows, w.cols, self.lstride, b.logits,
+                              CUDA_LAUNCH.router_threads, s, b.x_codes if x_codes else None)
+                return
+            self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
+                       router_small, splits, nt_tok)
 
         def act_of(w, is_small, codes, splits):
             return splits if uses_split(w, is_small) else codes
@@ -367,7 +370,7 @@ class CudaMoE:
 
         def gemm1():
             # x's codes serve the shared expert's gate/up too
-            if x_codes:
+            if x_codes and not router_block:
                 launch_quantize(b.x, n_tok * self.hidden, *b.x_codes, s)
             if x_split:
                 launch_split(b.x, n_tok, self.hidden, *b.x_split, s)

@@ -7,11 +7,15 @@ block ``r`` computes row ``r``'s logits for every token: its threads split
 the row's columns (one 16-byte load each per step), multiply them with
 :data:`TOKENS` tokens at a time, and reduce over the block.  Every row is
 read once per pass of tokens; the activations come from L2.
+
+The same launch also writes the 16-bit codes of ``x`` (:mod:`.actquant`)
+when the experts' GEMV needs them: one launch less in a decode step.
 """
 from __future__ import annotations
 
 from numba import cuda, float32, int64
 
+from .actquant import GROUP, quantize_groups
 from .primitives import load4, seg_sum
 
 __all__ = ["TOKENS", "launch_router"]
@@ -22,8 +26,9 @@ _MAX_WARPS = 32
 
 
 @cuda.jit
-def _router_kernel(w, x, n_tok, cols, lstride, logits):
-    """``logits[t * lstride + r] = w[r] . x[t]`` for ``r = blockIdx.x``."""
+def _router_kernel(w, x, n_tok, cols, lstride, logits, n_groups, xq, xa):
+    """``logits[t * lstride + r] = w[r] . x[t]`` for ``r = blockIdx.x``; then
+    the grid quantizes the ``n_groups`` activation groups of ``x``."""
     r = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
@@ -53,9 +58,11 @@ def _router_kernel(w, x, n_tok, cols, lstride, logits):
                 s += part[k, tid]
             logits[int64(t0 + tid) * lstride + r] = s
         cuda.syncthreads()
+    quantize_groups(x, cuda.grid(1), cuda.gridsize(1), n_groups, xq, xa)
 
 
-def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream) -> None:
+def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream,
+                  codes=None) -> None:
     """Enqueue the router logits of ``n_tok`` tokens (no checks, no allocation).
 
     Parameters
@@ -67,5 +74,13 @@ def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream) -> 
     logits : device float32, flat ``[n_tok * lstride]``
     threads : int
         Block size, a multiple of 32, at most 1024.
+    codes : (xq, xa), optional
+        Device buffers of :func:`.actquant.quantized_sizes` ``(n_tok * cols)``:
+        also quantize ``x`` into them, as :func:`.actquant.launch_quantize`.
     """
-    _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits)
+    if codes is None:
+        _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits, 0, logits,
+                                              logits)
+        return
+    _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits,
+                                          n_tok * cols // GROUP, *codes)
