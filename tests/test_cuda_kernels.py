@@ -77,6 +77,18 @@ def test_topk_ties_nan_and_inf_rows():
         np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("n_exp", [96, 160])
+@pytest.mark.parametrize("opts", ROUTINGS, ids=lambda o: o["gating"] + str(len(o)))
+def test_topk_many_experts_matches_cpu(opts, n_exp):
+    # several experts a lane; ties across lanes go to the lower id
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((2, n_exp)).astype(np.float32)
+    logits[1, [3, 9, 40, 41, 72]] = 4.0
+    ref, ids, w = _route_both(logits, 6, opts, rng)
+    np.testing.assert_array_equal(ids, ref.expert_ids)
+    np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0)
+
+
 @gpu_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("opts", ROUTINGS, ids=lambda o: o["gating"] + str(len(o)))
@@ -178,6 +190,16 @@ def test_plan_rejects_bad_ids():
         plan_device(np.array([[0, 9]], np.int32), 4, 16)
     with pytest.raises(MoEError, match="block_size"):
         plan_device(np.array([[0, 1]], np.int32), 4, 12)
+
+
+def test_plan_rejects_what_its_packed_scan_cannot_hold():
+    from numba_moe.cuda.plan import PLAN_MAX_EXPERTS, PLAN_MAX_SLOTS, check_plan_size
+
+    with pytest.raises(MoEError, match="num_experts"):
+        plan_device(np.array([[0, 1]], np.int32), PLAN_MAX_EXPERTS + 1, 16)
+    check_plan_size(PLAN_MAX_SLOTS - 8 * 15, 8, 16)
+    with pytest.raises(MoEError, match="split the batch"):
+        check_plan_size(PLAN_MAX_SLOTS - 8 * 15 + 1, 8, 16)
 
 
 # ------------------------------------------------------------ activation codes

@@ -46,7 +46,8 @@ from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
 from .graph import CapturedGraph
 from .gemm import tokens_per_pass
 from .matmul import launch_expert_gemm, uses_codes, uses_split
-from .plan import PAIRS_PER_THREAD, DevicePlan, empty_plan, launch_plan, plan_capacity
+from .plan import (PAIRS_PER_THREAD, DevicePlan, check_plan_size, empty_plan, launch_plan,
+                   plan_capacity)
 from .primitives import SIMULATOR, next_pow2
 from .router import launch_router
 from .routing import MAX_TOP_K, launch_topk
@@ -214,6 +215,7 @@ class CudaMoE:
         self.num_experts, self.top_k = e, k
         self.hidden, self.inter = layer.hidden_size, layer.expert_intermediate
         self.block_size = CUDA_LAUNCH.tile_m
+        check_plan_size(k, e, self.block_size)
         self.stream = cuda.stream()
         s = self.stream
         router = np.asarray(layer.router, dtype=np.float32)
@@ -262,6 +264,7 @@ class CudaMoE:
             raise MoEError("x: expected at least one token (T >= 1), got T=0")
         if not x.flags["C_CONTIGUOUS"]:
             raise MoEError("x: expected a C-contiguous array")
+        check_plan_size(n_tok * self.top_k, self.num_experts, self.block_size)
         out_view = None
         if out is not None:
             if not on_device:

@@ -24,13 +24,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, int32
+from numba import cuda, int32, int64
 
 from ..errors import MoEError
 from .primitives import SIMULATOR, block_exclusive_scan
 
 __all__ = ["DevicePlan", "plan_capacity", "empty_plan", "empty_plan_sizes", "launch_plan",
-           "plan_device", "PAIRS_PER_THREAD"]
+           "plan_device", "check_plan_size", "PAIRS_PER_THREAD", "PLAN_MAX_EXPERTS",
+           "PLAN_MAX_SLOTS"]
 
 #: Consecutive pairs a thread tests per placement round.
 PAIRS_PER_THREAD = 4
@@ -68,51 +69,77 @@ def empty_plan(num_pairs: int, num_experts: int, block_size: int, stream=0) -> D
                         for n in empty_plan_sizes(num_pairs, num_experts, block_size)))
 
 
+# One scan serves the three prefix sums a block needs, packed in an int64:
+# bits 0..10 "has pairs" (rank among active experts), 11..36 pair count
+# (first slot), 37..62 padded count (first aligned slot); the fields cannot
+# carry into each other below these limits (checked by the callers).
+_ACT_MASK = (1 << 11) - 1
+_OFF_SHIFT = 11
+_PAD_SHIFT = 37
+_FIELD = (1 << 26) - 1
+#: Most experts the device plan takes.
+PLAN_MAX_EXPERTS = _ACT_MASK
+#: Most aligned slots (``num_pairs + num_experts * (block_size - 1)``) it takes.
+PLAN_MAX_SLOTS = _FIELD
+
+
+def check_plan_size(num_pairs: int, num_experts: int, block_size: int) -> None:
+    """Raise :class:`~numba_moe.errors.MoEError` when a plan of this size would
+    overflow the packed scan of the plan kernel."""
+    if num_experts > PLAN_MAX_EXPERTS:
+        raise MoEError(f"num_experts={num_experts}: the CUDA plan takes at most "
+                       f"{PLAN_MAX_EXPERTS} experts")
+    if plan_capacity(num_pairs, num_experts, block_size)[0] > PLAN_MAX_SLOTS:
+        raise MoEError(f"{num_pairs} (token, expert) pairs exceed the CUDA plan's "
+                       f"{PLAN_MAX_SLOTS} slots: split the batch")
+
+
 @cuda.jit
 def _plan_kernel(ids, num_pairs, top_k, n_exp, bs, offsets, packed, pairs_by_token, active,
                  meta, sorted_ids, block_expert):
     """Block ``e`` places expert e's pairs; block 0 also writes ``offsets``
-    and ``meta``.  Dynamic shared memory: ``4 * n_exp + 2 * blockDim`` int32."""
+    and ``meta``.  Dynamic shared memory: ``n_exp + 2 * blockDim`` int32
+    (rounded up to 8 bytes), then ``n_exp + blockDim`` int64."""
     sh = cuda.shared.array(0, int32)
+    sh64 = cuda.shared.array(0, int64)
     nt = cuda.blockDim.x
     tid = cuda.threadIdx.x
     hist = sh[0:n_exp]
-    off = sh[n_exp:2 * n_exp]
-    pad = sh[2 * n_exp:3 * n_exp]
-    act = sh[3 * n_exp:4 * n_exp]
-    flags = sh[4 * n_exp:4 * n_exp + nt]
-    tmp = sh[4 * n_exp + nt:4 * n_exp + 2 * nt]
+    flags = sh[n_exp:n_exp + nt]
+    tmp = sh[n_exp + nt:n_exp + 2 * nt]
+    o64 = (n_exp + 2 * nt + 1) // 2
+    key = sh64[o64:o64 + n_exp]
+    tmp64 = sh64[o64 + n_exp:o64 + n_exp + nt]
     for i in range(tid, n_exp, nt):
         hist[i] = 0
     cuda.syncthreads()
+    # the counts do not depend on the order of the atomic adds
     for p in range(tid, num_pairs, nt):
         cuda.atomic.add(hist, ids[p], 1)
     cuda.syncthreads()
     for i in range(tid, n_exp, nt):
-        h = hist[i]
-        off[i] = h
-        pad[i] = (h + bs - 1) // bs * bs
-        act[i] = 1 if h > 0 else 0
+        h = int64(hist[i])
+        key[i] = (min(h, 1) | (h << _OFF_SHIFT)
+                  | (((h + bs - 1) // bs * bs) << _PAD_SHIFT))
     cuda.syncthreads()
-    block_exclusive_scan(off, n_exp, tmp)
-    n_padded = block_exclusive_scan(pad, n_exp, tmp)
-    n_active = block_exclusive_scan(act, n_exp, tmp)
+    total = block_exclusive_scan(key, n_exp, tmp64)
 
     e = cuda.blockIdx.x
     if e == 0:
         for i in range(tid, n_exp, nt):
-            offsets[i] = off[i]
+            offsets[i] = int32((key[i] >> _OFF_SHIFT) & _FIELD)
         if tid == 0:
             offsets[n_exp] = num_pairs
-            meta[0] = n_active
-            meta[1] = n_padded
+            meta[0] = int32(total & _ACT_MASK)
+            meta[1] = int32(total >> _PAD_SHIFT)
     cnt = hist[e]
     if cnt == 0:
         return
-    my_off = off[e]
-    my_pad = pad[e]
+    mine = key[e]
+    my_off = int32((mine >> _OFF_SHIFT) & _FIELD)
+    my_pad = int32(mine >> _PAD_SHIFT)
     if tid == 0:
-        active[act[e]] = e
+        active[mine & _ACT_MASK] = e
     n_blk = (cnt + bs - 1) // bs
     for b in range(tid, n_blk, nt):
         block_expert[my_pad // bs + b] = e
@@ -151,7 +178,7 @@ def launch_plan(ids, num_pairs, top_k, num_experts, block_size, plan: DevicePlan
     if not SIMULATOR:
         # the block scan works on whole warps
         threads = max(32, threads // 32 * 32)
-    shared = (4 * num_experts + 2 * threads) * 4
+    shared = (num_experts + 2 * threads + 1) // 2 * 8 + (num_experts + threads) * 8
     _plan_kernel[num_experts, threads, stream, shared](
         ids, num_pairs, top_k, num_experts, block_size, plan.offsets, plan.packed_token_idx,
         plan.pairs_by_token, plan.active, plan.meta, plan.sorted_ids, plan.block_expert)
@@ -192,6 +219,7 @@ def plan_device(expert_ids, num_experts: int, block_size: int, stream=0,
     d_ids = as_device_2d("expert_ids", expert_ids, np.int32, stream)
     n_tok, top_k = d_ids.shape
     num_pairs = n_tok * top_k
+    check_plan_size(num_pairs, num_experts, block_size)
     plan = empty_plan(num_pairs, num_experts, block_size, stream) if out is None else out
     need = empty_plan_sizes(num_pairs, num_experts, block_size)
     if any(len(a) < n for a, n in zip(plan, need)):
