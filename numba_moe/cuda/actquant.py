@@ -127,10 +127,10 @@ def _quantize_group(x, i, amax, xq, xa):
 @cuda.jit(device=True)
 def quantize_groups(x, first, stride, n_groups, xq, xa):
     """Groups ``first, first + stride, ...`` of the flat ``x`` quantized by the
-    calling thread (a grid-stride loop, ``stride`` and ``first`` even);
-    threads ``2k`` and ``2k + 1`` agree on their pair's scale.  Every thread
-    of a warp makes the same number of rounds: past the end it redoes the
-    last pair (the exchange needs both lanes) and stores nothing."""
+    calling thread (a grid-stride loop, ``stride`` even); threads ``2k``
+    and ``2k + 1`` agree on their pair's scale.  Every thread makes the same
+    number of rounds (the simulator's exchange is block-wide): past the end
+    it redoes the last pair and stores nothing."""
     for base in range(0, n_groups, stride):
         i = base + first
         g = min(i, n_groups - 2 + (i & 1))
