@@ -4,7 +4,7 @@
 device, :mod:`.weights`); ``MoELayer.__call__(x, device="cuda")`` calls
 :func:`moe_forward_cuda`.  One forward of T tokens is
 
-    router -> top-k -> plan -> codes of x -> gate/up (+SiLU)
+    router (+ codes of x) -> top-k -> plan -> gate/up (+SiLU)
     -> codes of the activations -> down [-> shared expert] -> combine
 
 with no host round trip and no allocation once the scratch buffers fit T
