@@ -49,7 +49,7 @@ from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inli
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["TYPES", "PREFETCH", "stage_steps", "hmma_kernel"]
+__all__ = ["TYPES", "PREFETCH", "stage_steps", "min_blocks", "hmma_kernel"]
 
 Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
@@ -58,8 +58,19 @@ TYPES = (Q.Q4_K, Q.Q6_K)
 PREFETCH = 4
 # Shared words of a token's staged block sums (8 used; 12: no bank conflicts).
 SS = 12
-# Register budget: 128-thread blocks a multiprocessor must fit (170 registers).
-_MIN_BLOCKS = 3
+
+
+def min_blocks(tile_m: int) -> int:
+    """Register budget: 128-thread blocks a multiprocessor must fit.
+
+    Tiles of up to 16 tokens hold few accumulators: 4 blocks (128 registers)
+    hide more latency; larger tiles need 3 (170).  H100, whole forward:
+    T=64 (tile 8) 600 / 568 / 571 / 605 us at 3 / 4 / 5 / 6 blocks, T=128
+    (tile 16) 680 / 645 / 682 / 779, T=256 (tile 32) 868 / 910 / 1235, T=512
+    (tile 64) 1277 / 1298 / 1636.
+    """
+    return 4 if tile_m <= 16 else 3
+
 
 # fp16 pairs: 1.0, -1056.0 (= -(1024 + 32)); the exponent of 1024 over a small integer
 _ONE2 = uint32(0x3C003C00)
@@ -333,4 +344,4 @@ def _make(qtype, gate_up: bool, tile_m: int):
               _int2=_int2, _pick4=_pick4, cp_async16=cp_async16,
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
     exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
-    return kernel_jit(launch_bounds=(32 * WARPS, _MIN_BLOCKS))(ns["kernel"])
+    return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m)))(ns["kernel"])
