@@ -111,6 +111,22 @@ def test_forward_rejects_bad_input(make_model):
                                  out=cuda.device_array((3, 64), np.float32))
 
 
+def test_forward_rejects_batches_past_the_plan_limits(make_model, monkeypatch):
+    # the plan kernel's packed scan bounds the batch (checked before any launch)
+    import numba_moe.cuda.plan as plan
+
+    layer = _layer(make_model, "qwen3moe", **ARCHS["qwen3moe"])
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    bs = CUDA_LAUNCH.tile_m
+    monkeypatch.setattr(plan, "PLAN_MAX_SLOTS", 4 * 2 + 8 * (bs - 1))
+    layer(x[:4], device="cuda")
+    with pytest.raises(MoEError, match="split the batch"):
+        layer(x, device="cuda")
+    monkeypatch.setattr(plan, "PLAN_MAX_EXPERTS", 7)
+    with pytest.raises(MoEError, match="num_experts=8"):
+        nm.cuda.upload(layer)
+
+
 # ------------------------------------------------------------ real GPU only
 
 KQ = dict(hidden_size=1024, expert_intermediate=512, num_experts=32, top_k=4, init="random_blocks")
