@@ -183,23 +183,31 @@ if not SIMULATOR:
             return builder.zext(v, ir.IntType(32))
         return v
 
-    @intrinsic
-    def dp4a(typingctx, a, b, c):
-        """``c + sum(a.byte[i] * b.byte[i])`` over the four signed bytes of the
-        32-bit words ``a`` and ``b`` (``dp4a.s32.s32``), as int32.
+    def _asm3(asm: str, restype):
+        """An intrinsic ``(a, b, c) -> restype``: the one PTX instruction ``asm``
+        over three 32-bit integer registers (wider arguments are truncated to
+        their low 32 bits)."""
 
-        Wider integer arguments are truncated to their low 32 bits.
-        """
-        if not all(isinstance(t, types.Integer) for t in (a, b, c)):
-            return None
+        @intrinsic
+        def _op(typingctx, a, b, c):
+            if not all(isinstance(t, types.Integer) for t in (a, b, c)):
+                return None
 
-        def codegen(context, builder, sig, args):
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(i32, [i32] * 3)
-            asm = ir.InlineAsm(fnty, "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r")
-            return builder.call(asm, [_as_i32(builder, v) for v in args])
+            def codegen(context, builder, sig, args):
+                i32 = ir.IntType(32)
+                fnty = ir.FunctionType(i32, [i32] * 3)
+                op = ir.InlineAsm(fnty, asm, "=r,r,r,r")
+                return builder.call(op, [_as_i32(builder, v) for v in args])
 
-        return types.int32(a, b, c), codegen
+            return restype(a, b, c), codegen
+
+        return _op
+
+    # ``c + sum(a.byte[i] * b.byte[i])`` over the four signed bytes of the
+    # words ``a`` and ``b``, as int32
+    dp4a = _asm3("dp4a.s32.s32 $0, $1, $2, $3;", types.int32)
+    # ``a * b + c`` on the two fp16 halves of the words, one rounding; a uint32 word
+    hfma2 = _asm3("fma.rn.f16x2 $0, $1, $2, $3;", types.uint32)
 
     def _mma_asm(k: int, n_a: int, n_b: int, fp16: bool):
         """``codegen`` of ``mma.sync.aligned.m16n8k{k}``: ``n_a`` A words, ``n_b``
@@ -282,21 +290,6 @@ if not SIMULATOR:
         as there), ``B`` 8x8 (``b0``)."""
         sig = _f16_mma_sig((a0, a1, b0), (c0, c1, c2, c3))
         return None if sig is None else (sig, _HMMA_K8)
-
-    @intrinsic
-    def hfma2(typingctx, a, b, c):
-        """``a * b + c`` on the two fp16 halves of 32-bit words, one rounding
-        (``fma.rn.f16x2``); a uint32 word."""
-        if not all(isinstance(t, types.Integer) for t in (a, b, c)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(i32, [i32] * 3)
-            asm = ir.InlineAsm(fnty, "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r")
-            return builder.call(asm, [_as_i32(builder, v) for v in args])
-
-        return types.uint32(a, b, c), codegen
 
     @intrinsic
     def pack_half2(typingctx, lo, hi):
