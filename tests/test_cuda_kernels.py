@@ -342,7 +342,8 @@ def _gemm_reference(g, u, x, ids):
             ref[slot] = gd[e] @ x[slot]
         else:
             a = gd[e] @ x[p // k]
-            ref[slot] = a / (1 + np.exp(-a)) * (ud[e] @ x[p // k])
+            with np.errstate(over="ignore"):    # exp(-a) = inf: silu(a) = -0, as it should
+                ref[slot] = a / (1 + np.exp(-a)) * (ud[e] @ x[p // k])
     return ref
 
 
@@ -386,6 +387,57 @@ def test_gemm_matches_reference(qtype, kernel, gate_up, nt, monkeypatch):
     # columns in tiles
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_shared_bytes", 1024)
     _check_gemm(qtype, kernel, gate_up, 3, 12, 256, 3, 2, seed=int(qtype), nt=nt)
+
+
+@pytest.mark.parametrize("qtype,per_lane", [(Q.Q6_K, 1), (Q.Q6_K, 2), (Q.Q4_K, 2)],
+                         ids=["Q6_K-16-lanes", "Q6_K-8-lanes", "Q4_K-8-lanes"])
+def test_gemv_two_register_sets(qtype, per_lane, monkeypatch):
+    # Plain GEMV, one token a pass: the loop alternates two sets of weight
+    # words.  768 columns (24 chunks): 16 lanes a row give lanes of 2 chunks
+    # (sets A, B, out at the loop's test) and of 1 (A, out at the mid-loop
+    # exit); 8 lanes give 3 (A, B, A, out at the mid-loop exit).
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_min_warps", 1)
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_chunks_per_lane", per_lane)
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_shared_bytes", 1024)
+    _check_gemm(qtype, "gemv", False, 3, 12, 768, 3, 2, seed=5, nt=1)
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["running-sums", "rescaled"])
+@pytest.mark.parametrize("qtype,gate_up", [(Q.Q4_K, True), (Q.Q6_K, False)],
+                         ids=["Q4_K-gate_up", "Q6_K"])
+def test_fp16_kernel_block_scales(qtype, gate_up, rescale, monkeypatch):
+    # Rows of 2 blocks whose d spans 1e-4 .. 50 or is 0 (for Q4_K with dmin
+    # still set), through both ways the fp16 kernel applies block scales: a
+    # second set of running sums, or the sum kept in units of the last
+    # nonzero d (each rescale and each skipped block taken).
+    import numba_moe.cuda.hmma as hmma
+    import numba_moe.cuda.matmul as matmul
+
+    monkeypatch.setattr(hmma, "_cache", {})
+    monkeypatch.setattr(hmma, "rescaled", lambda tile_m, gate_up: rescale)
+    used = []
+    make = matmul.hmma_kernel
+    monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: used.append(a[0]) or make(*a))
+    rng = np.random.default_rng(23)
+    e, rows, cols, t, k = 3, 12, 512, 3, 2
+    tensors = []
+    for name in ("gate", "up")[:1 + gate_up]:
+        w = _random_tensor(qtype, e, rows, cols, rng, name)
+        blocks = w.data.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
+        d = rng.choice([0.0, 1e-4, 3e-3, 0.02, 0.7, 50.0], len(blocks)).astype(np.float16)
+        d[::5] = 0
+        off = 208 if qtype == Q.Q6_K else 0
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+        tensors.append(w)
+    ids = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
+    x = rng.standard_normal((t if gate_up else t * k, cols)).astype(np.float32)
+    g, u = tensors[0], (tensors[1] if gate_up else None)
+    got = expert_gemm(g, x, ids, up=u, kernel="tiled", out=_poison((t * k, rows), np.float32))
+    assert used == [qtype]
+    ref = _gemm_reference(g, u, x, ids)
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    # float32 accumulation of exact fp16 products: ~2e-7 (the codes' bound is 1e-4)
+    assert _rel(got.copy_to_host(), ref) < 2e-6
 
 
 @pytest.mark.parametrize("kernel,qtype,cols", [("gemv", Q.Q8_0, 64), ("tiled", Q.Q8_0, 64),

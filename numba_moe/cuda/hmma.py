@@ -12,14 +12,26 @@ sub-block scales go *into* the operands: an fp16 holds every integer up to
   ``A2 = (sc & 1) * (q - 32)``,
 
 and the activations come as two fp16 terms per value (:mod:`.actsplit`).
-The ``mma.m16n8k16`` products then accumulate in float32 over a whole
-256-column block, and the block's ``d`` (and, for Q4_K, ``dmin`` times the
+The ``mma.m16n8k16`` products accumulate in float32 over a whole
+256-column block; the block's ``d`` (and, for Q4_K, ``dmin`` times the
 sub-block minimums against the activations' 32-column sums, one
-``mma.m16n8k8``) apply once per block::
+``mma.m16n8k8``) apply once per block, in one of two ways
+(:func:`rescaled`).  With running sums::
 
     acc  = sum over the block's steps of  A @ (B_hi + B_lo)      fp32, tensor cores
     out += d * acc - 32 * dmin * (M @ S')                         per 256 columns
     out *= s                                                      the row scale, at the end
+
+or, with half the accumulator registers, ``acc`` alone holds a row's sum in
+units of ``D``, the last nonzero ``d`` of the row so far (a block with ``d =
+0`` adds no products and keeps ``D``)::
+
+    acc *= D / d;  D = d                                          at a block's start
+    acc += A @ (B_hi + B_lo)                                      each step
+    acc -= (32 * dmin / D) * (M @ S')                             at its end
+    out  = s * D * acc
+
+(one rounding more a block).
 
 Block ``(mb, nb)``: tokens ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]``
 of expert ``block_expert[mb]`` times 64 weight rows (and the 64 matching up
@@ -35,7 +47,8 @@ per tile and step; the weight words load :data:`PREFETCH` steps ahead and
 the block headers one block ahead.
 
 Measured (H100, Qwen3-30B-A3B layer): T=512 1837 -> 1283 us, T=4096 8531 ->
-6376 us against the integer kernel; outputs within about 2e-7 of float64.
+6376 us against the integer kernel, 5861 with the rescaled gate / up;
+outputs within about 2e-7 of float64.
 """
 from __future__ import annotations
 
@@ -49,7 +62,7 @@ from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inli
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["TYPES", "PREFETCH", "stage_steps", "min_blocks", "hmma_kernel"]
+__all__ = ["TYPES", "PREFETCH", "stage_steps", "min_blocks", "rescaled", "hmma_kernel"]
 
 Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
@@ -171,8 +184,22 @@ def stage_steps(tile_m: int) -> int:
     return 8 if tile_m <= 32 else 4
 
 
+def rescaled(tile_m: int, gate_up: bool) -> bool:
+    """Whether the kernel keeps a row's sum in units of its block scale
+    (``acc *= D / d``) instead of in a second set of accumulators.
+
+    It halves the accumulator registers, which pays where they are many:
+    gate / up with 64-token tiles (64 accumulators a lane; H100, T=4096:
+    gate/up 3152 -> 2667 us).  With fewer the rescaling costs more than it
+    saves: T=512 (tile 32) gate/up 594 -> 637 us, T=4096 down 2763 -> 2890,
+    T=64 (tile 8) gate/up 268 -> 290.
+    """
+    return (2 if gate_up else 1) * tile_m // 8 * 4 >= 64
+
+
 def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     """Python source of the kernel, its steps, token tiles and accumulators written out."""
+    rs = rescaled(tile_m, gate_up)
     st = stage_steps(tile_m)
     # the ring slot of a step is its index in the stage modulo PREFETCH
     assert st % PREFETCH == 0, "a stage must hold whole prefetch rings"
@@ -231,8 +258,12 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
     emit("    cp_async_commit()")
     for h in halves:
         for n in range(ntiles):
-            for pre in ("t", "c"):
+            for pre in ("c",) if rs else ("t", "c"):
                 emit("    " + " = ".join(f"{pre}{h}_{n}_{k}" for k in range(4)) + " = float32(0)")
+    if rs:
+        # a row's accumulators hold its sum in units of D, the last nonzero block scale
+        for h, r in hr:
+            emit(f"    D{h}{r} = float32(1)")
     # weight words PREFETCH steps ahead, in a ring of registers; block headers one block ahead
     for j in range(PREFETCH):
         for h, r in hr:
@@ -253,12 +284,23 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
         emit("            " + ", ".join(f"k{v}" for v in names) + " = "
              + ", ".join(f"n{v}" for v in names))
     headers("            ", "n", "min((ks0 >> 4) + 1, nb - 1)")
-    if q4:
-        for h, r in hr:
+    for h, r in hr:
+        if q4:
             emit(f"            d{h}{r}, dm{h}{r} = half2_f32(k{h}{r}_0)")
-    else:
-        for h, r in hr:
+        else:
             emit(f"            d{h}{r} = float32(k{h}{r}_d)")
+        if not rs:
+            continue
+        # a zero d drops the block's products (z = 0) and keeps the unit D
+        emit(f"""            z{h}{r} = int32(0)
+            f = float32(1)
+            if d{h}{r} != float32(0):
+                z{h}{r} = int32(1)
+                f = D{h}{r} / d{h}{r}
+                D{h}{r} = d{h}{r}""")
+        for n in range(ntiles):
+            for k in (2 * r, 2 * r + 1):
+                emit(f"            c{h}_{n}_{k} *= f")
     ind = " " * 8
     for kss in range(st):
         j = kss % PREFETCH
@@ -274,7 +316,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
             if kss % 2 == 0:
                 for h, r in hr:
                     emit(f"{ind}sc, _ = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, kk >> 1)")
-                    emit(f"{ind}s2{h}{r} = _int2(sc)\n{ind}n2{h}{r} = _int2(-1024 * int32(sc))")
+                    gate = f"z{h}{r} * " if rs else ""
+                    emit(f"{ind}sz = {gate}int32(sc)")
+                    emit(f"{ind}s2{h}{r} = _int2(sz)\n{ind}n2{h}{r} = _int2(-1024 * sz)")
             for h, r in hr:
                 emit(f"{ind}x{h}{r}, y{h}{r} = _q4k_frags(cw{h}{r}, uint32({4 * ((kss >> 1) & 1)}), "
                      f"s2{h}{r}, n2{h}{r})")
@@ -282,8 +326,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
             emit(f"{ind}tq = (kk & 7) >> 1")
             emit(f"{ind}si = 8 * (kk >> 3) + {kss & 1} + 2 * tq")
             for h, r in hr:
-                emit(f"{ind}sc = sbyte(_pick4(si >> 2, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, k{h}{r}_3), "
-                     f"uint32(8 * (si & 3)))")
+                gate = f"z{h}{r} * " if rs else ""
+                emit(f"{ind}sc = {gate}sbyte(_pick4(si >> 2, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, "
+                     f"k{h}{r}_3), uint32(8 * (si & 3)))")
                 emit(f"{ind}x{h}{r}, y{h}{r}, u{h}{r}, v{h}{r} = _q6k_frags(cl{h}{r}, cq{h}{r}, tq, sc)")
         for n in range(ntiles):
             emit(f"{ind}b{n}_0, b{n}_1, b{n}_2, b{n}_3 = shared_load4(xs, (buf * {tile_m} + {8 * n} + g)"
@@ -297,36 +342,43 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                         acc = ", ".join(f"c{h}_{n}_{k}" for k in range(4))
                         frag = f"{pa}{h}0, {pa}{h}1, {qa}{h}0, {qa}{h}1"
                         emit(f"{ind}{acc} = mma_f16({frag}, b{n}_{b0}, b{n}_{b1}, {acc})")
-    # end of a 256-column block: scale and add its sums, clear them
-    emit(f"{ind}if kq == {16 - st}:")
-    ind = " " * 12
-    if q4:
-        emit(f"{ind}sbuf = (ks0 >> 4) & 1")
-        for h, r in hr:
-            emit(f"""{ind}_, ma = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, 2 * i)
+    if q4 or not rs:
+        # end of a 256-column block: the minimums against the activations'
+        # sums (Q4_K); without rescaling, the block's sums scaled into the
+        # running ones
+        emit(f"{ind}if kq == {16 - st}:")
+        ind = " " * 12
+        if q4:
+            emit(f"{ind}sbuf = (ks0 >> 4) & 1")
+            for h, r in hr:
+                dz = f"dm{h}{r} / D{h}{r}" if rs else f"dm{h}{r}"
+                emit(f"""{ind}_, ma = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, 2 * i)
 {ind}_, mz = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, 2 * i + 1)
 {ind}am{h}{r} = pack_half2(float32(ma), float32(mz))
-{ind}dz{h}{r} = float32(32) * dm{h}{r}""")
-    for n in range(ntiles):
-        if q4:
-            emit(f"{ind}so = (sbuf * {tile_m} + {8 * n} + g) * {SS} + 2 * i")
-            emit(f"{ind}sh = ss[so]\n{ind}sl = ss[so + 1]")
-        for h in halves:
+{ind}dz{h}{r} = float32(32) * {dz}""")
+        for n in range(ntiles):
             if q4:
-                emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sh, 0, 0, 0, 0)")
-                emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sl, m0, m1, m2, m3)")
-            for k in range(4):
-                r = k >> 1
-                sub = f" - dz{h}{r} * m{k}" if q4 else ""
-                emit(f"{ind}t{h}_{n}_{k} += d{h}{r} * c{h}_{n}_{k}{sub}")
-                emit(f"{ind}c{h}_{n}_{k} = float32(0)")
+                emit(f"{ind}so = (sbuf * {tile_m} + {8 * n} + g) * {SS} + 2 * i")
+                emit(f"{ind}sh = ss[so]\n{ind}sl = ss[so + 1]")
+            for h in halves:
+                if q4:
+                    emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sh, 0, 0, 0, 0)")
+                    emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sl, m0, m1, m2, m3)")
+                for k in range(4):
+                    r = k >> 1
+                    sub = f" - dz{h}{r} * m{k}" if q4 else ""
+                    if rs:
+                        emit(f"{ind}c{h}_{n}_{k} -= dz{h}{r} * m{k}")
+                    else:
+                        emit(f"{ind}t{h}_{n}_{k} += d{h}{r} * c{h}_{n}_{k}{sub}")
+                        emit(f"{ind}c{h}_{n}_{k} = float32(0)")
     emit("        cuda.syncthreads()")
     for n in range(ntiles):
         for k in range(4):
             r = k >> 1
             tok = f"{8 * n} + 2 * i + {k & 1}"
-            val = (f"silu(sx * t0_{n}_{k}) * (sx * t1_{n}_{k})" if gate_up
-                   else f"sx * t0_{n}_{k}")
+            acc = [f"(D{h}{r} * c{h}_{n}_{k})" if rs else f"t{h}_{n}_{k}" for h in halves]
+            val = f"silu(sx * {acc[0]}) * (sx * {acc[1]})" if gate_up else f"sx * {acc[0]}"
             emit(f"""    orow = orow_s[{tok}]
     if orow >= 0 and r{r} < rows:
         sx = xsc_s[{tok}]
