@@ -167,7 +167,11 @@ class CudaLaunch:
         642 us, T=128 671 vs 1088).
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
-        the tiled kernel runs.
+        the tiled kernel runs, its columns split (``router_split_blocks``).
+        H100, E=128, H=2048, T=64 / 512 / 2048: the split tiled router takes
+        8.8 / 24.2 / 72.4 us against the GEMV's 21.6 / 56.5 / 217.4, but the
+        routing kernel then adds 64 / 33 / 9 partial planes: +16 / +9 / (not
+        measured) us; kept the GEMV up to 2048.
     graphs : bool
         Capture each token count's forward into a CUDA graph and replay it
         (ignored under the simulator and while profiling).
@@ -194,6 +198,10 @@ class CudaLaunch:
     router_block_max_tokens : int
         Largest token count whose router runs on that kernel; above it the
         GEMV (up to ``router_gemv_max_tokens``) or the tiled kernel.
+    router_split_blocks : int
+        Blocks the router's tiled launch aims at: it splits the columns into
+        partial sums (added by the routing kernel) until the grid has them
+        (H100, T=4096: 314 us unsplit, 140 / 116 / 127 at 264 / 528 / 1056).
     mma_min_blocks : int
         Register budget of the tensor-core kernel (:mod:`numba_moe.cuda.mma`):
         its 128-thread blocks that must fit on one multiprocessor (4: 128
@@ -218,6 +226,7 @@ class CudaLaunch:
     gemv_min_warps: int = 264
     router_threads: int = 256
     router_block_max_tokens: int = 16
+    router_split_blocks: int = 528
     mma_min_blocks: int = 4
 
 

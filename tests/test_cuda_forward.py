@@ -76,6 +76,24 @@ def test_forward_kquants_tiled(make_model, monkeypatch):
     assert set(built) == {(Q.Q4_K, True), (Q.Q6_K, False)}
 
 
+@pytest.mark.parametrize("t", [3, 70])
+def test_forward_router_column_splits(make_model, monkeypatch, t):
+    # The tiled router splits its columns into partial planes that the
+    # routing kernel adds, the shared expert's gate column included (qwen2moe
+    # routes through logits of E + 1 columns); 70 tokens: two token blocks
+    import numba_moe.cuda.forward as forward
+
+    monkeypatch.setattr(CUDA_LAUNCH, "router_block_max_tokens", 0)
+    monkeypatch.setattr(CUDA_LAUNCH, "router_gemv_max_tokens", 0)
+    monkeypatch.setattr(CUDA_LAUNCH, "router_split_blocks", 1 << 20)
+    parts = []
+    launch = forward.launch_topk
+    monkeypatch.setattr(forward, "launch_topk", lambda *a: parts.append(a[-1]) or launch(*a))
+    _check_forward(_layer(make_model, "qwen2moe", **ARCHS["qwen2moe"]), t, seed=t)
+    # hidden size 64: two 32-column chunks, one a part
+    assert set(parts) == {2}
+
+
 def test_routed_tile_follows_mean_tokens(monkeypatch):
     from numba_moe.cuda.forward import routed_tile
 

@@ -25,8 +25,9 @@ Dense (float32) experts take the float GEMV and the SIMT tiled kernel of
 :mod:`.gemm` instead.  The router (dense, E rows) runs one block per row up
 to ``CUDA_LAUNCH.router_block_max_tokens`` tokens (:mod:`.router`), the
 float GEMV up to ``CUDA_LAUNCH.router_gemv_max_tokens``, the tiled kernel
-above; the per-row router kernel also writes the codes of ``x`` (one launch
-less in a decode step).
+above, its columns split into partial planes that the
+routing kernel adds (E rows alone make too few blocks); the per-row router
+kernel also writes the codes of ``x`` (one launch less in a decode step).
 """
 from __future__ import annotations
 
@@ -136,6 +137,15 @@ def routed_tile(mean_tokens: float, tile_m: int) -> int:
     return min(bs, tile_m)
 
 
+def router_parts(n_tok: int, rows: int, chunks: int, tile_m: int) -> int:
+    """Column splits of the router's tiled launch for ``n_tok`` tokens: the
+    router has few rows, so its grid alone would leave most of the GPU idle
+    while each block walks all ``chunks`` chunks; splits raise it to about
+    ``CUDA_LAUNCH.router_split_blocks`` blocks."""
+    blocks = -(-n_tok // tile_m) * -(-rows // CUDA_LAUNCH.tile_n)
+    return max(1, min(chunks, -(-CUDA_LAUNCH.router_split_blocks // blocks)))
+
+
 def _identity_plan(cap: int, block_size: int, stream) -> DevicePlan:
     """A plan with one expert owning slots 0..cap-1 (slot = token); forwards
     pass the real T as ``num_pairs``, which clamps it."""
@@ -169,7 +179,7 @@ class _Buffers:
         self.cap = cap
         self.x = f32(cap * h)
         self.out = f32(cap * h)
-        self.logits = f32(cap * st.lstride)
+        self.logits = f32(st.logits_size(cap))
         self.ids = cuda.device_array(p, np.int32, stream=stream)
         self.weights = f32(p)
         self.plan = empty_plan(p, e, st.block_size, stream)
@@ -292,12 +302,28 @@ class CudaMoE:
             self.stream.synchronize()
             return res
 
+    def _router_planes(self, n_tok: int) -> int:
+        """Logit rows the router writes for ``n_tok`` tokens: ``n_tok`` per
+        partial plane (:func:`router_parts`)."""
+        r, bs = self.router, self.block_size
+        return router_parts(n_tok, r.rows, r.chunks, bs) * n_tok
+
+    def logits_size(self, cap: int) -> int:
+        """Entries of the logits buffer: room for the router's partial planes
+        at any count up to ``cap`` tokens (the most tokens of each count of
+        token blocks)."""
+        bs = self.block_size
+        return max(self._router_planes(min(cap, mb * bs))
+                   for mb in range(1, -(-cap // bs) + 1)) * self.lstride
+
     def _buffers_for(self, n_tok: int) -> _Buffers:
-        if self.buffers is None or self.buffers.cap < n_tok:
+        if self.buffers is None or self.buffers.cap < n_tok \
+                or self.buffers.logits.size < self._router_planes(n_tok) * self.lstride:
             # new addresses: every captured graph points at the old buffers
             self.graphs.clear()
+            cap = n_tok if self.buffers is None else max(n_tok, self.buffers.cap)
             self.buffers = None
-            self.buffers = _Buffers(self, n_tok, self.stream)
+            self.buffers = _Buffers(self, cap, self.stream)
         return self.buffers
 
     def _run(self, n_tok: int) -> None:
@@ -350,6 +376,8 @@ class CudaMoE:
         x_split = uses_split(self.gate, small) or (sh is not None
                                                    and uses_split(sh[0], shared_small))
         router_block = n_tok <= CUDA_LAUNCH.router_block_max_tokens
+        # partial planes of the tiled router, added by the routing kernel
+        parts = 1 if router_block or router_small else self._router_planes(n_tok) // n_tok
 
         def router():
             if router_block:
@@ -359,14 +387,14 @@ class CudaMoE:
                               CUDA_LAUNCH.router_threads, s, b.x_codes if x_codes else None)
                 return
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
-                       router_small, splits, nt_tok)
+                       router_small, splits, nt_tok, k_splits=parts)
 
         def act_of(w, is_small, codes, splits):
             return splits if uses_split(w, is_small) else codes
 
         def topk():
             launch_topk(b.logits, self.lstride, n_tok, e, self.params, self.bias, b.ids,
-                        b.weights, CUDA_LAUNCH.topk_warps, s)
+                        b.weights, CUDA_LAUNCH.topk_warps, s, parts)
 
         def plan():
             launch_plan(b.ids, p, k, e, bs, b.plan, plan_threads, s)
@@ -413,6 +441,7 @@ class CudaMoE:
 
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
               num_pairs: int, top_k: int, out, small: bool, splits: int = 1,
-              nt: int = 1, codes=None, tile_m: int = None) -> None:
+              nt: int = 1, codes=None, tile_m: int = None, k_splits: int = 1) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
-                           small, self.stream, splits, nt, codes, tile_m or self.block_size)
+                           small, self.stream, splits, nt, codes, tile_m or self.block_size,
+                           k_splits)

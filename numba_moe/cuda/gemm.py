@@ -277,10 +277,10 @@ def tiled_kernel(qi: QInfo, gate_up: bool, tile_m: int, tile_n: int):
 
     Signature::
 
-        kernel[(m_blocks, n_blocks), threads, stream, shared_bytes](
+        kernel[(m_blocks, n_blocks, k_splits), threads, stream, shared_bytes](
             wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
             x, num_pairs, top_k, sorted_ids, block_expert, meta,
-            pairs_by_token, out)
+            pairs_by_token, out, part_stride)
 
     (``threads``, ``n_blocks``, ``shared_bytes`` from :func:`tiled_layout`;
     ``tile_m`` a multiple of :data:`MICRO_M`, ``tile_n`` of :data:`MICRO_N`.)
@@ -288,7 +288,9 @@ def tiled_kernel(qi: QInfo, gate_up: bool, tile_m: int, tile_n: int):
     indices; ``>= num_pairs`` is padding) of expert ``block_expert[mb]``, and
     exits when ``mb * tile_m >= meta[1]``.  Input row of pair ``p``: token
     ``p // top_k`` (gate_up) or slot ``pairs_by_token[p]`` (plain); output
-    row: that slot.
+    row: that slot.  Plain mode may split the columns: block ``z`` of
+    ``k_splits`` sums chunks ``z * n_chunks // k_splits ..`` and writes
+    ``out[z * part_stride + ...]``; the caller adds the planes.
     """
     key = ("tiled", qi.qtype, gate_up, tile_m, tile_n)
     if key not in _cache:
@@ -320,7 +322,8 @@ def _tiled_source(bm: int, bn: int, gate_up: bool) -> str:
     emit = lines.append
     emit(f"""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
-           x, num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):
+           x, num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out,
+           part_stride):
     mb = cuda.blockIdx.x
     if mb * {bm} >= meta[1]:
         return
@@ -352,7 +355,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
     for h in halves:
         for i in toks:
             emit("    " + " = ".join(f"c{h}_{i}_{j}" for j in cols_) + " = float32(0)")
-    emit(f"""    for c in range(n_chunks):
+    emit(f"""    kz = cuda.blockIdx.z
+    nz = cuda.gridDim.z
+    for c in range(kz * n_chunks // nz, (kz + 1) * n_chunks // nz):
         # activations: consecutive threads take consecutive tokens (no bank conflicts)
         for idx in range(tid, {bm * 8}, nthreads):
             kg = idx // {bm}
@@ -404,6 +409,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
     emit(f"""{ind}ao += {a_stride}
 {ind}wo += {wn}
         cuda.syncthreads()""")
+    emit("    part = int64(kz) * part_stride")
     for i in toks:
         emit(f"""    orow = orow_s[ty * {MICRO_M} + {i}]
     if orow >= 0:""")
@@ -411,7 +417,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows,
             val = f"silu(c0_{i}_{j}) * c1_{i}_{j}" if gate_up else f"c0_{i}_{j}"
             emit(f"""        n = n0 + tx * {MICRO_N} + {j}
         if n < rows:
-            out[orow * rows + n] = {val}""")
+            out[part + orow * rows + n] = {val}""")
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,7 @@ def uses_codes(w: DeviceWeights, small: bool) -> bool:
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
                        stream, token_splits: int = 1, nt: int = 1, codes=None,
-                       tile_m: int = None) -> None:
+                       tile_m: int = None, k_splits: int = 1) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -83,6 +83,10 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         else unused.
     tile_m : int, optional
         Tiled kernels: the plan's block size (default ``CUDA_LAUNCH.tile_m``).
+    k_splits : int
+        SIMT tiled kernel, plain mode: column ranges summed by separate
+        blocks into planes ``out[z * P * rows ...]`` (``out`` that large),
+        which the caller adds.
     """
     gate_up = v is not None
     tile_m = tile_m or CUDA_LAUNCH.tile_m
@@ -119,9 +123,10 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         bm, bn = tile_m, CUDA_LAUNCH.tile_n
         kern = tiled_kernel(w.info, gate_up, bm, bn)
         threads, n_blocks, shared = tiled_layout(w.rows, bm, bn, gate_up)
-        kern[(m_blocks, n_blocks), threads, stream, shared](
+        kern[(m_blocks, n_blocks, k_splits), threads, stream, shared](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, x, num_pairs, top_k,
-            plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
+            plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
+            num_pairs * w.rows)
 
 
 def expert_gemm(weights, x, expert_ids, up=None, kernel: str = "gemv", stream=0, out=None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int32
+from numba import cuda, float32, float64, int32, int64
 
 from ..errors import MoEError
 from ..routing import GATINGS, RouterOutput, _check_params
@@ -143,12 +143,14 @@ def route_token(logits, row, lane, sh, base, n_exp, top_k, gating, norm, bias, h
 
 @cuda.jit
 def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
-                 n_group, topk_group, scale, ids, weights):
+                 n_group, topk_group, scale, ids, weights, parts, part_stride):
     """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
 
     Dynamic shared memory: ``warps * (2 * n_exp + n_group)`` float32.  Warps
     past the last token route the last token again and write nothing, so
-    every lane reaches every reduction.
+    every lane reaches every reduction.  With ``parts > 1`` the logits come
+    as that many partial planes ``part_stride`` apart: the token's warp first
+    adds them, in order, into the first.
     """
     sh = cuda.shared.array(0, float32)
     tid = cuda.threadIdx.x
@@ -157,6 +159,15 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
     t = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + warp
     valid = t < n_tok
     row = (t if valid else n_tok - 1) * lstride
+    if parts > 1:
+        if valid:
+            for c in range(lane, lstride, 32):
+                v = logits[row + c]
+                for z in range(1, parts):
+                    v += logits[int64(z) * part_stride + row + c]
+                logits[row + c] = v
+        # the lanes read each other's sums (syncwarp orders global memory too)
+        warp_sync()
     my_id, w = route_token(logits, row, lane, sh, warp * (2 * n_exp + n_group), n_exp, top_k,
                            gating, norm, bias, has_bias, n_group, topk_group, scale)
     if valid and lane < top_k:
@@ -164,13 +175,17 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
         weights[t * top_k + lane] = w
 
 
-def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, warps, stream):
+def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, warps, stream,
+                parts=1):
     """Launch the routing kernel on device buffers (no checks, no allocation).
 
     Parameters
     ----------
-    logits : device float32, flat ``[n_tok * lstride]``
-        Row t's logits at ``t * lstride .. t * lstride + n_exp``.
+    logits : device float32, flat ``[parts * n_tok * lstride]``
+        Row t's logits at ``t * lstride .. t * lstride + n_exp``; with
+        ``parts > 1``, the sum of that many planes of ``n_tok * lstride``
+        (partial sums over the router's columns): the kernel adds them into
+        the first plane, all ``lstride`` columns of each row.
     params : tuple
         ``numba_moe.routing._check_params`` output.
     bias_dev : device float32 [E] (or [1] when there is no bias)
@@ -183,7 +198,7 @@ def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, w
     grid = -(-n_tok // warps)
     _topk_kernel[grid, 32 * warps, stream, shared](
         logits, lstride, n_tok, n_exp, top_k, gating, norm, bias_dev, bias.shape[0] > 0,
-        n_group, topk_group, scale, ids, weights)
+        n_group, topk_group, scale, ids, weights, parts, n_tok * lstride)
 
 
 def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_bias=None,
