@@ -168,10 +168,12 @@ class CudaLaunch:
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
         the tiled kernel runs, its columns split (``router_split_blocks``).
-        H100, E=128, H=2048, T=64 / 512 / 2048: the split tiled router takes
-        8.8 / 24.2 / 72.4 us against the GEMV's 21.6 / 56.5 / 217.4, but the
-        routing kernel then adds 64 / 33 / 9 partial planes: +16 / +9 / (not
-        measured) us; kept the GEMV up to 2048.
+        The default, ``router_block_max_tokens``, leaves the GEMV unused:
+        H100, Qwen3-30B-A3B layer, whole forward at T=64 / 512 / 2048: 559.5
+        / 1228.1 / 3191.6 us against 567.9 / 1234.1 / 3334.0 with the GEMV
+        router up to 2048 (router alone 8.8 / 24.2 / 72.4 against 21.6 /
+        56.5 / 217.4; the routing kernel's sum of 64 / 33 / 9 partial planes
+        gives part of it back).
     graphs : bool
         Capture each token count's forward into a CUDA graph and replay it
         (ignored under the simulator and while profiling).
@@ -217,7 +219,7 @@ class CudaLaunch:
     topk_warps: int = 4
     gemv_max_tokens: int = 16
     gemv_max_tokens_fp16: int = 3
-    router_gemv_max_tokens: int = 2048
+    router_gemv_max_tokens: int = 16
     graphs: bool = True
     gemv_min_blocks: int = 2
     gemv_chunks_per_lane: int = 4

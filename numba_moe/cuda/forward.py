@@ -24,10 +24,11 @@ activations split by :mod:`.actsplit`), integer for Q5_K / Q8_0
 Dense (float32) experts take the float GEMV and the SIMT tiled kernel of
 :mod:`.gemm` instead.  The router (dense, E rows) runs one block per row up
 to ``CUDA_LAUNCH.router_block_max_tokens`` tokens (:mod:`.router`), the
-float GEMV up to ``CUDA_LAUNCH.router_gemv_max_tokens``, the tiled kernel
-above, its columns split into partial planes that the
-routing kernel adds (E rows alone make too few blocks); the per-row router
-kernel also writes the codes of ``x`` (one launch less in a decode step).
+float GEMV up to ``CUDA_LAUNCH.router_gemv_max_tokens`` (by default no
+token count), the tiled kernel above, its columns split into partial
+planes that the routing kernel adds (E rows alone make too few blocks); the
+per-row router kernel also writes the codes of ``x`` (one launch less in a
+decode step).
 """
 from __future__ import annotations
 
