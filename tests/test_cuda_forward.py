@@ -80,7 +80,7 @@ def test_forward_kquants_tiled(make_model, monkeypatch):
 def test_forward_router_column_splits(make_model, monkeypatch, t):
     # The tiled router splits its columns into partial planes that the
     # routing kernel adds, the shared expert's gate column included (qwen2moe
-    # routes through logits of E + 1 columns); 70 tokens: two token blocks
+    # routes through logits of E + 1 columns); 70 tokens: several token blocks
     import numba_moe.cuda.forward as forward
 
     monkeypatch.setattr(CUDA_LAUNCH, "router_block_max_tokens", 0)

@@ -303,23 +303,22 @@ class CudaMoE:
             self.stream.synchronize()
             return res
 
-    def _router_planes(self, n_tok: int) -> int:
-        """Logit rows the router writes for ``n_tok`` tokens: ``n_tok`` per
-        partial plane (:func:`router_parts`)."""
-        r, bs = self.router, self.block_size
-        return router_parts(n_tok, r.rows, r.chunks, bs) * n_tok
+    def _router_parts(self, n_tok: int) -> int:
+        """:func:`router_parts` of this layer's router for ``n_tok`` tokens."""
+        r = self.router
+        return router_parts(n_tok, r.rows, r.chunks, self.block_size)
 
     def logits_size(self, cap: int) -> int:
         """Entries of the logits buffer: room for the router's partial planes
-        at any count up to ``cap`` tokens (the most tokens of each count of
-        token blocks)."""
+        at any count up to ``cap`` tokens (the parts depend on the count of
+        token blocks: the most tokens of each count)."""
         bs = self.block_size
-        return max(self._router_planes(min(cap, mb * bs))
-                   for mb in range(1, -(-cap // bs) + 1)) * self.lstride
+        counts = (min(cap, mb * bs) for mb in range(1, -(-cap // bs) + 1))
+        return max(self._router_parts(t) * t for t in counts) * self.lstride
 
     def _buffers_for(self, n_tok: int) -> _Buffers:
         if self.buffers is None or self.buffers.cap < n_tok \
-                or self.buffers.logits.size < self._router_planes(n_tok) * self.lstride:
+                or self.buffers.logits.size < self._router_parts(n_tok) * n_tok * self.lstride:
             # new addresses: every captured graph points at the old buffers
             self.graphs.clear()
             cap = n_tok if self.buffers is None else max(n_tok, self.buffers.cap)
@@ -378,7 +377,7 @@ class CudaMoE:
                                                    and uses_split(sh[0], shared_small))
         router_block = n_tok <= CUDA_LAUNCH.router_block_max_tokens
         # partial planes of the tiled router, added by the routing kernel
-        parts = 1 if router_block or router_small else self._router_planes(n_tok) // n_tok
+        parts = 1 if router_block or router_small else self._router_parts(n_tok)
 
         def router():
             if router_block:

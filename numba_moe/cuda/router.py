@@ -79,6 +79,7 @@ def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream,
         also quantize ``x`` into them, as :func:`.actquant.launch_quantize`.
     """
     if codes is None:
+        # no groups to quantize: the code buffers are never touched
         _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits, 0, logits,
                                               logits)
         return
