@@ -100,6 +100,31 @@ def test_topk_large_matches_cpu(opts):
     np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("parts", [2, 5, 11])
+def test_topk_adds_partial_planes(parts):
+    # the tiled router's partial planes: the routing kernel adds them into
+    # the first plane, every one of the lstride columns, then routes the
+    # sums.  Multiples of 1/16: the sums are exact, so ids and weights match
+    # the CPU on the sum.
+    from numba_moe.cuda.routing import launch_topk
+    from numba_moe.routing import _check_params
+
+    rng = np.random.default_rng(30 + parts)
+    t, e, lstride, k = 5, 12, 14, 3
+    planes = (rng.integers(-32, 33, (parts, t, lstride)) / 16).astype(np.float32)
+    total = planes.sum(0)
+    params = _check_params(e, k, True, "softmax", None, 1, 1, 1.0)
+    d_logits = cuda.to_device(planes.reshape(-1))
+    ids, w = _poison(t * k, np.int32), _poison(t * k, np.float32)
+    launch_topk(d_logits, lstride, t, e, params, cuda.to_device(np.zeros(1, np.float32)),
+                ids, w, 4, 0, parts)
+    np.testing.assert_array_equal(d_logits.copy_to_host()[:t * lstride].reshape(t, lstride), total)
+    ref = nm.route(total[:, :e], k)
+    np.testing.assert_array_equal(ids.copy_to_host().reshape(t, k), ref.expert_ids)
+    np.testing.assert_allclose(w.copy_to_host().reshape(t, k), ref.expert_weights, rtol=1e-6,
+                               atol=0)
+
+
 def test_topk_rejects_bad_input():
     with pytest.raises(MoEError, match="logits"):
         topk_route(np.zeros((2, 8), np.float64), 2)
@@ -278,7 +303,8 @@ def _split_values(hx, xs):
 def test_activation_split_matches_reference():
     rng = np.random.default_rng(13)
     scale = np.array([1e-30, 1e-3, 1.0, 300.0, 3e30])[:, None]
-    x = (rng.standard_normal((5, 512)) * scale).astype(np.float32)
+    # 5 rows: a block of 4 warps and one of a single row; 768 columns: 6 chunks of 128
+    x = (rng.standard_normal((5, 768)) * scale).astype(np.float32)
     hx, hs, xs = _split(x)
     hx_ref, sums_ref, xs_ref = split_reference(x)
     np.testing.assert_array_equal(hx, hx_ref)
@@ -402,19 +428,23 @@ def test_gemv_two_register_sets(qtype, per_lane, monkeypatch):
     _check_gemm(qtype, "gemv", False, 3, 12, 768, 3, 2, seed=5, nt=1)
 
 
+@pytest.mark.parametrize("stage", [8, 4], ids=["stage8", "stage4"])
 @pytest.mark.parametrize("rescale", [False, True], ids=["running-sums", "rescaled"])
 @pytest.mark.parametrize("qtype,gate_up", [(Q.Q4_K, True), (Q.Q6_K, False)],
                          ids=["Q4_K-gate_up", "Q6_K"])
-def test_fp16_kernel_block_scales(qtype, gate_up, rescale, monkeypatch):
+def test_fp16_kernel_block_scales(qtype, gate_up, rescale, stage, monkeypatch):
     # Rows of 2 blocks whose d spans 1e-4 .. 50 or is 0 (for Q4_K with dmin
     # still set), through both ways the fp16 kernel applies block scales: a
     # second set of running sums, or the sum kept in units of the last
-    # nonzero d (each rescale and each skipped block taken).
+    # nonzero d (each rescale and each skipped block taken).  Stages of 8
+    # and 4 steps: with 4, a Q6_K group of 8 steps sharing words spans two
+    # stages (the 64-token tiles on a GPU).
     import numba_moe.cuda.hmma as hmma
     import numba_moe.cuda.matmul as matmul
 
     monkeypatch.setattr(hmma, "_cache", {})
     monkeypatch.setattr(hmma, "rescaled", lambda tile_m, gate_up: rescale)
+    monkeypatch.setattr(hmma, "stage_steps", lambda tile_m: stage)
     used = []
     make = matmul.hmma_kernel
     monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: used.append(a[0]) or make(*a))

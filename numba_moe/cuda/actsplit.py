@@ -37,13 +37,14 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
 
-from .primitives import as_f32, half2_f32, load4, pack_half2
+from .primitives import as_f32, half2_f32, load4, pack_half2, seg_sum, store4, warp_max64
 
 __all__ = ["split_sizes", "launch_split", "split_reference", "TARGET_EXP"]
 
 #: ``max |x / s|`` lies in ``[2**TARGET_EXP, 2**(TARGET_EXP + 1))``.
 TARGET_EXP = 12
-_THREADS = 128
+# rows (one a warp) of a block
+_WARPS = 4
 
 
 def split_sizes(rows: int, cols: int):
@@ -64,84 +65,62 @@ def _split4(v0, v1, v2, v3):
 
 
 @cuda.jit
-def _split_kernel(x, cols, hx, hsum, xs):
-    """Block ``r`` splits row ``r`` (``cols`` values of the flat ``x``)."""
-    red = cuda.shared.array(_THREADS, float32)
-    part = cuda.shared.array(_THREADS, float32)
-    row = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
+def _split_kernel(x, rows, cols, hx, hsum, xs):
+    """Warp ``w`` of block ``b`` splits row ``_WARPS * b + w`` (``cols`` values
+    of the flat ``x``); lane ``l`` takes columns ``128 c + 4 l .. + 3``."""
+    lane = cuda.threadIdx.x & 31
+    # a warp past the last row redoes the last one (the same words written
+    # twice): every warp runs the same reductions
+    row = min(cuda.blockIdx.x * _WARPS + (cuda.threadIdx.x >> 5), rows - 1)
     base = int64(row) * cols
-    groups = cols // 16
     amax = float32(0)
-    for g in range(tid, groups, _THREADS):
-        for k in range(4):
-            v0, v1, v2, v3 = load4(x, base + 16 * g + 4 * k)
-            for v in (v0, v1, v2, v3):
-                a = abs(v)
-                # a NaN sticks: nothing compares greater than it
-                if a > amax or a != a:
-                    amax = a
-    red[tid] = amax
-    off = _THREADS >> 1
-    while off > 0:
-        cuda.syncthreads()
-        if tid < off:
-            o = red[tid + off]
-            if o > red[tid] or o != o:
-                red[tid] = o
-        off >>= 1
-    cuda.syncthreads()
-    amax = red[0]
+    for o in range(4 * lane, cols, 128):
+        v0, v1, v2, v3 = load4(x, base + o)
+        for v in (v0, v1, v2, v3):
+            a = abs(v)
+            # a NaN counts as an infinity: either way the row keeps s = 1
+            if a != a:
+                a = math.inf
+            amax = max(amax, a)
+    amax = float32(warp_max64(float64(amax)))
     inv = float32(1)
     s = float32(1)
     if amax > 0 and amax < math.inf:
         e = max(-126, int32(math.floor(math.log2(float64(amax)))) - TARGET_EXP)
         s = as_f32(uint32((e + 127) << 23))
         inv = as_f32(uint32((127 - e) << 23))
-    if tid == 0:
+    if lane == 0:
         xs[row] = s
-    for g0 in range(0, groups, _THREADS):
-        g = g0 + tid
-        psum = float32(0)
-        if g < groups:
-            o = base + 16 * g
-            for k in range(4):
-                v0, v1, v2, v3 = load4(x, o + 4 * k)
-                v0 *= inv
-                v1 *= inv
-                v2 *= inv
-                v3 *= inv
-                psum += (v0 + v1) + (v2 + v3)
-                ph, qh, pl, ql = _split4(v0, v1, v2, v3)
-                hx[o + 4 * k] = ph
-                hx[o + 4 * k + 1] = qh
-                hx[o + 4 * k + 2] = pl
-                hx[o + 4 * k + 3] = ql
-        cuda.syncthreads()
-        part[tid] = psum
-        cuda.syncthreads()
-        # sub-block sums (32 columns: two groups), then the block words
-        if tid < _THREADS // 2:
-            red[tid] = (part[2 * tid] + part[2 * tid + 1]) * float32(1 / 32)
-        cuda.syncthreads()
-        b = tid >> 2
-        i = tid & 3
-        blk = (g0 >> 4) + b
-        if b < _THREADS // 16 and blk < groups >> 4:
-            s0 = red[8 * b + 2 * i]
-            s1 = red[8 * b + 2 * i + 1]
+    # hx word k of a row holds column k's value: the layout keeps a lane's four
+    # columns in its own four words
+    for c in range(cols >> 7):
+        o = base + 128 * c + 4 * lane
+        v0, v1, v2, v3 = load4(x, o)
+        v0 *= inv
+        v1 *= inv
+        v2 *= inv
+        v3 *= inv
+        store4(hx, o, *_split4(v0, v1, v2, v3))
+        # 32-column sums S'[4c + j] (j = lane >> 3): half-warp 0 gets j = 0, 1,
+        # half-warp 1 j = 2, 3, each in the pair of a block word
+        q = (v0 + v1) + (v2 + v3)
+        odd = (lane >> 3) & 1
+        s0 = seg_sum(q if odd == 0 else float32(0), 16) * float32(1 / 32)
+        s1 = seg_sum(q if odd == 1 else float32(0), 16) * float32(1 / 32)
+        if lane & 15 == 0:
             w = pack_half2(s0, s1)
             h0, h1 = half2_f32(w)
-            o = (int64(row) * (groups >> 4) + blk) * 8
-            hsum[o + 2 * i] = w
-            hsum[o + 2 * i + 1] = pack_half2(s0 - h0, s1 - h1)
+            # block c >> 1, word pair 2 (c & 1) + (lane >> 4)
+            ow = (int64(row) * (cols >> 8) + (c >> 1)) * 8 + 4 * (c & 1) + 2 * (lane >> 4)
+            hsum[ow] = w
+            hsum[ow + 1] = pack_half2(s0 - h0, s1 - h1)
 
 
 def launch_split(x, rows: int, cols: int, hx, hsum, xs, stream) -> None:
     """Enqueue the split of ``rows`` rows of ``cols`` values of the flat
     device float32 ``x`` into ``hx``, ``hsum``, ``xs`` (sizes from
     :func:`split_sizes`; no checks, no allocation)."""
-    _split_kernel[rows, _THREADS, stream](x, cols, hx, hsum, xs)
+    _split_kernel[-(-rows // _WARPS), 32 * _WARPS, stream](x, rows, cols, hx, hsum, xs)
 
 
 def split_reference(x: np.ndarray):

@@ -43,8 +43,8 @@ unpacks it into two fp16 pairs with the exponent trick ``half(0x6400 | n) =
 the scale (exact: one rounding of an exact integer).  The block's activation words are staged in shared
 memory :func:`stage_steps` steps at a time, in two buffers (``cp.async``
 copies the next stage while this one computes), read with one 16-byte load
-per tile and step; the weight words load :data:`PREFETCH` steps ahead and
-the block headers one block ahead.
+per tile and step; a lane loads each of its weight words once, a group of
+steps ahead (:data:`STREAMS`), and the block headers one block ahead.
 
 Measured (H100, Qwen3-30B-A3B layer): T=512 1837 -> 1283 us, T=4096 8531 ->
 6376 us against the integer kernel, 5861 with the rescaled gate / up;
@@ -62,13 +62,17 @@ from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inli
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["TYPES", "PREFETCH", "stage_steps", "min_blocks", "rescaled", "hmma_kernel"]
+__all__ = ["TYPES", "STREAMS", "stage_steps", "min_blocks", "rescaled", "hmma_kernel"]
 
 Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
 TYPES = (Q.Q4_K, Q.Q6_K)
-#: Steps ahead of use that a lane loads its weight words.
-PREFETCH = 4
+#: A lane's weight words per type, as streams ``(name, loader, plane, period,
+#: fresh)``: the steps of an aligned group of ``period`` use ``fresh``
+#: distinct words (step ``ks`` the word of step ``ks % fresh`` of its group),
+#: so each word loads once, a group ahead of its first use.
+STREAMS = {Q.Q4_K: (("w", "_q4k_word", 0, 4, 2),),
+           Q.Q6_K: (("l", "_q6k_ql", 0, 8, 4), ("q", "_q6k_qh", 1, 8, 2))}
 # Shared words of a token's staged block sums (8 used; 12: no bank conflicts).
 SS = 12
 
@@ -121,6 +125,7 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int):
 # sb = (ks & 15) >> 1 of block ks >> 4, the low (even sb) or high nibbles of
 # the 32 bytes of group sb >> 1, bytes 16 (ks & 1) .. + 15; lane i takes
 # the word of bytes 4i .. 4i + 3 (columns 4i .. 4i + 3 of the step).
+# Steps ks and ks + 2 (ks & 2 == 0) read the same word's two nibbles.
 
 
 @device_inline
@@ -151,17 +156,20 @@ def _int2(v):
 # half n = (ks & 15) >> 3 of block ks >> 4, table row t = (ks & 7) >> 1,
 # l = 16 (ks & 1) + 4i .. + 3: ql bytes 64n + 32 (t & 1) + l (nibble t >> 1),
 # qh bytes 32n + l (bits 2t, 2t + 1); scale byte 8n + (ks & 1) + 2t.
+# Within a half, steps ks and ks + 4 read the same ql word and all 8 steps
+# the same two qh words.
 
 
 @device_inline
-def _q6k_words(wa, wb, row, ks, nb, i):
-    blk = row * nb + (ks >> 4)
+def _q6k_ql(wa, row, ks, nb, i):
     kk = ks & 15
-    n = kk >> 3
-    t = (kk & 7) >> 1
-    lh = kk & 1
-    return (wa[blk * 32 + 16 * n + 8 * (t & 1) + 4 * lh + i],
-            wb[blk * 16 + 8 * n + 4 * lh + i])
+    return wa[(row * nb + (ks >> 4)) * 32 + 16 * (kk >> 3) + 8 * ((kk >> 1) & 1) + 4 * (kk & 1) + i]
+
+
+@device_inline
+def _q6k_qh(wb, row, ks, nb, i):
+    kk = ks & 15
+    return wb[(row * nb + (ks >> 4)) * 16 + 8 * (kk >> 3) + 4 * (kk & 1) + i]
 
 
 @device_inline
@@ -201,8 +209,9 @@ def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     """Python source of the kernel, its steps, token tiles and accumulators written out."""
     rs = rescaled(tile_m, gate_up)
     st = stage_steps(tile_m)
-    # the ring slot of a step is its index in the stage modulo PREFETCH
-    assert st % PREFETCH == 0, "a stage must hold whole prefetch rings"
+    streams = STREAMS[Q.Q4_K if q4 else Q.Q6_K]
+    # a step's word slot, kss % fresh, is the same in every stage
+    assert all(st % fresh == 0 for *_, fresh in streams)
     xsw = 16 * st + 16
     ntiles = tile_m // 8
     halves = range(2 if gate_up else 1)
@@ -214,28 +223,41 @@ def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):""")
     emit(tile_head(tile_m, gate_up, True))
-    emit(f"""    sbw = cols >> 5
-    n_stages = n_steps // {st}
+    emit(f"""    n_stages = n_steps // {st}
     # two stage buffers: the next stage copies in (cp.async) while this one computes
     xs = cuda.shared.array({2 * tile_m * xsw}, uint32)""")
     if q4:
         emit(f"    ss = cuda.shared.array({2 * tile_m * SS}, uint32)")
 
+    # A stage is `per` 16-byte copies a token row; thread tid copies number
+    # cu / 4 of rows cm + k * rpp (its rows and columns fixed: no index
+    # arithmetic but the stage's offset a copy); ``xoff_s``: input row offsets.
+    nt = 32 * WARPS
+    per = 4 * st
+    assert nt % per == 0 and tile_m * per % nt == 0
+    rpp = nt // per
+    emit(f"""    xoff_s = cuda.shared.array({tile_m}, int64)
+    for m in range(tid, {tile_m}, {nt}):
+        xoff_s[m] = int64(xrow_s[m]) * cols
+    cuda.syncthreads()
+    cm = tid >> {per.bit_length() - 1}
+    cu = 4 * (tid & {per - 1})""")
+
     def issue(ind, stage, buf):
-        emit(f"""{ind}for idx in range(tid, {tile_m * 4 * st}, nthreads):
-{ind}    m = idx // {4 * st}
-{ind}    u = idx - m * {4 * st}
-{ind}    cp_async16(xs, ({buf} * {tile_m} + m) * {xsw} + 4 * u, hx,
-{ind}               int64(xrow_s[m]) * cols + {16 * st} * ({stage}) + 4 * u)""")
+        for k in range(tile_m * per // nt):
+            m = f"cm + {k * rpp}"
+            emit(f"{ind}cp_async16(xs, ({buf} * {tile_m} + {m}) * {xsw} + cu, hx, "
+                 f"xoff_s[{m}] + {16 * st} * ({stage}) + cu)")
         if q4:
-            # a block's first stage brings the block's sums
+            # a block's first stage brings the block's sums: 2 copies a token
+            # row (sbw = cols / 32 words a row)
             emit(f"""{ind}if (({stage}) * {st}) & 15 == 0:
-{ind}    sbi = (({stage}) * {st}) >> 4
-{ind}    for idx in range(tid, {tile_m * 2}, nthreads):
-{ind}        m = idx >> 1
-{ind}        u = idx & 1
-{ind}        cp_async16(ss, ((sbi & 1) * {tile_m} + m) * {SS} + 4 * u, hsum,
-{ind}                   int64(xrow_s[m]) * sbw + 8 * sbi + 4 * u)""")
+{ind}    sbi = (({stage}) * {st}) >> 4""")
+            for k in range(-(-tile_m * 2 // nt)):
+                m = f"(tid >> 1) + {k * nt // 2}"
+                cond = "" if tile_m * 2 >= nt else f"if tid < {tile_m * 2}: "
+                emit(f"{ind}    {cond}cp_async16(ss, ((sbi & 1) * {tile_m} + {m}) * {SS} + "
+                     f"4 * (tid & 1), hsum, (xoff_s[{m}] >> 5) + 8 * sbi + 4 * (tid & 1))")
 
     def headers(ind, pre, sb):
         for h, r in hr:
@@ -247,12 +269,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                      f"load4({plane[h][2]}, (row{r} * nb + {sb}) * 4)")
                 emit(f"{ind}{pre}{h}{r}_d = {plane[h][3]}[row{r} * nb + {sb}]")
 
-    def word(ind, h, r, j, step):
-        a, b = plane[h][:2]
-        if q4:
-            emit(f"{ind}w{h}{r}_{j} = _q4k_word({a}, row{r}, {step}, nb, i)")
-        else:
-            emit(f"{ind}l{h}{r}_{j}, q{h}{r}_{j} = _q6k_words({a}, {b}, row{r}, {step}, nb, i)")
+    def load(ind, stream, h, r, j, step):
+        name, loader, pl = stream[:3]
+        emit(f"{ind}{name}{h}{r}_{j} = {loader}({plane[h][pl]}, row{r}, {step}, nb, i)")
 
     issue("    ", "0", "0")
     emit("    cp_async_commit()")
@@ -264,10 +283,13 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
         # a row's accumulators hold its sum in units of D, the last nonzero block scale
         for h, r in hr:
             emit(f"    D{h}{r} = float32(1)")
-    # weight words PREFETCH steps ahead, in a ring of registers; block headers one block ahead
-    for j in range(PREFETCH):
-        for h, r in hr:
-            word("    ", h, r, j, f"min({j}, n_steps - 1)")
+    # weight words a group ahead (and the group in use: c<name>), block headers one block ahead
+    for stream in streams:
+        name, fresh = stream[0], stream[4]
+        for j in range(fresh):
+            for h, r in hr:
+                load("    ", stream, h, r, j, f"min({j}, n_steps - 1)")
+                emit(f"    c{name}{h}{r}_{j} = uint32(0)")
     headers("    ", "n", "0")
     emit(f"""    for s in range(n_stages):
         ks0 = s * {st}
@@ -303,15 +325,22 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                 emit(f"            c{h}_{n}_{k} *= f")
     ind = " " * 8
     for kss in range(st):
-        j = kss % PREFETCH
         emit(f"{ind}kk = kq + {kss}")
-        emit(f"{ind}kn = min(ks0 + {kss + PREFETCH}, n_steps - 1)")
-        for h, r in hr:
-            if q4:
-                emit(f"{ind}cw{h}{r} = w{h}{r}_{j}")
+        for stream in streams:
+            name, _, _, period, fresh = stream
+            j = kss % fresh
+            # whether the step starts using new words: known here unless a
+            # stage is shorter than the group
+            if st % period == 0:
+                if kss % period >= fresh:
+                    continue
+                wi = ind
             else:
-                emit(f"{ind}cl{h}{r} = l{h}{r}_{j}\n{ind}cq{h}{r} = q{h}{r}_{j}")
-            word(ind, h, r, j, "kn")
+                emit(f"{ind}if (kk & {period - 1}) < {fresh}:")
+                wi = ind + "    "
+            for h, r in hr:
+                emit(f"{wi}c{name}{h}{r}_{j} = {name}{h}{r}_{j}")
+                load(wi, stream, h, r, j, f"min(ks0 + {kss + period}, n_steps - 1)")
         if q4:
             if kss % 2 == 0:
                 for h, r in hr:
@@ -320,7 +349,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                     emit(f"{ind}sz = {gate}int32(sc)")
                     emit(f"{ind}s2{h}{r} = _int2(sz)\n{ind}n2{h}{r} = _int2(-1024 * sz)")
             for h, r in hr:
-                emit(f"{ind}x{h}{r}, y{h}{r} = _q4k_frags(cw{h}{r}, uint32({4 * ((kss >> 1) & 1)}), "
+                emit(f"{ind}x{h}{r}, y{h}{r} = _q4k_frags(cw{h}{r}_{kss % 2}, uint32({4 * ((kss >> 1) & 1)}), "
                      f"s2{h}{r}, n2{h}{r})")
         else:
             emit(f"{ind}tq = (kk & 7) >> 1")
@@ -329,7 +358,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                 gate = f"z{h}{r} * " if rs else ""
                 emit(f"{ind}sc = {gate}sbyte(_pick4(si >> 2, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, "
                      f"k{h}{r}_3), uint32(8 * (si & 3)))")
-                emit(f"{ind}x{h}{r}, y{h}{r}, u{h}{r}, v{h}{r} = _q6k_frags(cl{h}{r}, cq{h}{r}, tq, sc)")
+                emit(f"{ind}x{h}{r}, y{h}{r}, u{h}{r}, v{h}{r} = _q6k_frags(cl{h}{r}_{kss % 4}, "
+                     f"cq{h}{r}_{kss % 2}, tq, sc)")
         for n in range(ntiles):
             emit(f"{ind}b{n}_0, b{n}_1, b{n}_2, b{n}_3 = shared_load4(xs, (buf * {tile_m} + {8 * n} + g)"
                  f" * {xsw} + {16 * kss} + 4 * i)")
@@ -392,7 +422,7 @@ def _make(qtype, gate_up: bool, tile_m: int):
               load4=load4, shared_load4=shared_load4, half2_f32=half2_f32,
               pack_half2=pack_half2, mma_f16=mma_f16, mma_f16_k8=mma_f16_k8, silu=silu,
               kq_scale_min=kq_scale_min, sbyte=sbyte, _q4k_word=_q4k_word,
-              _q4k_frags=_q4k_frags, _q6k_words=_q6k_words, _q6k_frags=_q6k_frags,
+              _q4k_frags=_q4k_frags, _q6k_ql=_q6k_ql, _q6k_qh=_q6k_qh, _q6k_frags=_q6k_frags,
               _int2=_int2, _pick4=_pick4, cp_async16=cp_async16,
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
     exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)

@@ -19,7 +19,7 @@ from numba import cuda, float32, float64, int32, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "shared_load4", "as_f32", "half2_f32",
+           "warp_argmax", "warp_sync", "load4", "load2", "store4", "shared_load4", "as_f32", "half2_f32",
            "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
            "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
            "silu", "block_exclusive_scan", "next_pow2"]
@@ -106,6 +106,30 @@ if not SIMULATOR:
 
     load4 = _vector_load(4)
     load2 = _vector_load(2)
+
+    @intrinsic
+    def store4(typingctx, arr, idx, v0, v1, v2, v3):
+        """``arr[i : i + 4] = v0, v1, v2, v3`` of a uint32 global array in one
+        ``st.global.v4`` (``&arr[i]`` 16-byte aligned): a warp's 16-byte
+        stores fill whole sectors."""
+        if not isinstance(arr, types.Array) or arr.dtype != types.uint32:
+            return None
+        sig = types.void(arr, idx, types.uint32, types.uint32, types.uint32, types.uint32)
+
+        def codegen(context, builder, sig, args):
+            aryty = sig.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            index = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
+                                           wraparound=False)
+            lty = context.get_value_type(types.uint32)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type] + [lty] * 4)
+            asm = ir.InlineAsm(fnty, "st.global.v4.u32 [$0], {$1, $2, $3, $4};",
+                               "l,r,r,r,r,~{memory}", side_effect=True)
+            builder.call(asm, [ptr] + list(args[2:]))
+            return context.get_dummy_value()
+
+        return sig, codegen
 
     @intrinsic
     def shared_load4(typingctx, arr, idx):
@@ -439,6 +463,9 @@ else:
 
     def load2(arr, i):
         return arr[i], arr[i + 1]
+
+    def store4(arr, i, v0, v1, v2, v3):
+        arr[i], arr[i + 1], arr[i + 2], arr[i + 3] = v0, v1, v2, v3
 
     shared_load4 = load4
 
