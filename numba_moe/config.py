@@ -163,8 +163,9 @@ class CudaLaunch:
     gemv_max_tokens_fp16 : int
         ``gemv_max_tokens`` for routed experts whose gate weights the fp16
         tensor-core kernel reads (Q4_K / Q6_K, compute capability 8.0+): above
-        it that kernel beats the GEMV (H100, Qwen3-30B-A3B layer: T=64 598 vs
-        642 us, T=128 671 vs 1088).
+        it that kernel beats the GEMV (H100, Qwen3-30B-A3B layer, whole
+        forward, fp16 / GEMV: T=16 306 / 252 us, T=32 391 / 431, T=48 402 /
+        545).
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
         the tiled kernel runs, its columns split (``router_split_blocks``).
@@ -218,7 +219,7 @@ class CudaLaunch:
     tile_m_small: int = 32
     topk_warps: int = 4
     gemv_max_tokens: int = 16
-    gemv_max_tokens_fp16: int = 3
+    gemv_max_tokens_fp16: int = 1
     router_gemv_max_tokens: int = 16
     graphs: bool = True
     gemv_min_blocks: int = 2

@@ -92,6 +92,7 @@ def min_blocks(tile_m: int) -> int:
 # fp16 pairs: 1.0, -1056.0 (= -(1024 + 32)); the exponent of 1024 over a small integer
 _ONE2 = uint32(0x3C003C00)
 _M1056 = uint32(int(np.array([-1056, -1056], np.float16).view(np.uint32)[0]))
+_M1024 = uint32(int(np.array([-1024, -1024], np.float16).view(np.uint32)[0]))
 _MAG = uint32(0x64006400)
 _LOW4 = uint32(0x000F000F)
 _LOW8 = uint32(0x00FF00FF)
@@ -182,7 +183,7 @@ def _q6k_frags(ql, qh, t, sc):
     q = hfma2(((c >> uint32(8)) & _LOW8) | _MAG, _ONE2, _M1056)
     odd = sc & 1
     e2 = _int2(sc - odd)
-    o2 = _int2(odd)
+    o2 = _ONE2 * uint32(odd)
     return hfma2(p, e2, 0), hfma2(q, e2, 0), hfma2(p, o2, 0), hfma2(q, o2, 0)
 
 
@@ -347,7 +348,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                     emit(f"{ind}sc, _ = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, kk >> 1)")
                     gate = f"z{h}{r} * " if rs else ""
                     emit(f"{ind}sz = {gate}int32(sc)")
-                    emit(f"{ind}s2{h}{r} = _int2(sz)\n{ind}n2{h}{r} = _int2(-1024 * sz)")
+                    # -1024 sc in fp16 arithmetic: exact (|sc| <= 63), no integer conversion
+                    emit(f"{ind}s2{h}{r} = _int2(sz)\n{ind}n2{h}{r} = hfma2(s2{h}{r}, _M1024, 0)")
             for h, r in hr:
                 emit(f"{ind}x{h}{r}, y{h}{r} = _q4k_frags(cw{h}{r}_{kss % 2}, uint32({4 * ((kss >> 1) & 1)}), "
                      f"s2{h}{r}, n2{h}{r})")
@@ -423,7 +425,7 @@ def _make(qtype, gate_up: bool, tile_m: int):
               pack_half2=pack_half2, mma_f16=mma_f16, mma_f16_k8=mma_f16_k8, silu=silu,
               kq_scale_min=kq_scale_min, sbyte=sbyte, _q4k_word=_q4k_word,
               _q4k_frags=_q4k_frags, _q6k_ql=_q6k_ql, _q6k_qh=_q6k_qh, _q6k_frags=_q6k_frags,
-              _int2=_int2, _pick4=_pick4, cp_async16=cp_async16,
+              _int2=_int2, _M1024=_M1024, hfma2=hfma2, _pick4=_pick4, cp_async16=cp_async16,
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
     exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
     return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m)))(ns["kernel"])
