@@ -68,11 +68,13 @@ Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
 TYPES = (Q.Q4_K, Q.Q6_K)
 #: A lane's weight words per type, as streams ``(name, loader, plane, period,
-#: fresh)``: the steps of an aligned group of ``period`` use ``fresh``
-#: distinct words (step ``ks`` the word of step ``ks % fresh`` of its group),
-#: so each word loads once, a group ahead of its first use.
-STREAMS = {Q.Q4_K: (("w", "_q4k_word", 0, 4, 2),),
-           Q.Q6_K: (("l", "_q6k_ql", 0, 8, 4), ("q", "_q6k_qh", 1, 8, 2))}
+#: fresh, words, first)``: the steps of an aligned group of ``period`` use
+#: ``fresh`` distinct words (step ``ks`` the word of step ``ks % fresh`` of
+#: its group), so each word loads once, a group ahead of its first use; a
+#: block holds ``words`` words of the plane, its step-0 word of lane ``i``
+#: at ``first + i``.
+STREAMS = {Q.Q4_K: (("w", "_q4k_word", 0, 4, 2, 36, 4),),
+           Q.Q6_K: (("l", "_q6k_ql", 0, 8, 4, 32, 0), ("q", "_q6k_qh", 1, 8, 2, 16, 0))}
 # Shared words of a token's staged block sums (8 used; 12: no bank conflicts).
 SS = 12
 
@@ -130,9 +132,9 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int):
 
 
 @device_inline
-def _q4k_word(w, row, ks, nb, i):
-    kk = ks & 15
-    return w[(row * nb + (ks >> 4)) * 36 + 4 + 8 * (kk >> 2) + 4 * (kk & 1) + i]
+def _q4k_word(w, base, ks):
+    """The word of step ``ks`` (int32) of the row and lane whose first is ``w[base]``."""
+    return w[base + int32(36 * (ks >> 4) + 8 * ((ks & 15) >> 2) + 4 * (ks & 1))]
 
 
 @device_inline
@@ -162,15 +164,14 @@ def _int2(v):
 
 
 @device_inline
-def _q6k_ql(wa, row, ks, nb, i):
-    kk = ks & 15
-    return wa[(row * nb + (ks >> 4)) * 32 + 16 * (kk >> 3) + 8 * ((kk >> 1) & 1) + 4 * (kk & 1) + i]
+def _q6k_ql(wa, base, ks):
+    return wa[base + int32(32 * (ks >> 4) + 16 * ((ks & 15) >> 3) + 8 * ((ks >> 1) & 1)
+                           + 4 * (ks & 1))]
 
 
 @device_inline
-def _q6k_qh(wb, row, ks, nb, i):
-    kk = ks & 15
-    return wb[(row * nb + (ks >> 4)) * 16 + 8 * (kk >> 3) + 4 * (kk & 1) + i]
+def _q6k_qh(wb, base, ks):
+    return wb[base + int32(16 * (ks >> 4) + 8 * ((ks & 15) >> 3) + 4 * (ks & 1))]
 
 
 @device_inline
@@ -212,7 +213,7 @@ def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     st = stage_steps(tile_m)
     streams = STREAMS[Q.Q4_K if q4 else Q.Q6_K]
     # a step's word slot, kss % fresh, is the same in every stage
-    assert all(st % fresh == 0 for *_, fresh in streams)
+    assert all(st % stream[4] == 0 for stream in streams)
     xsw = 16 * st + 16
     ntiles = tile_m // 8
     halves = range(2 if gate_up else 1)
@@ -272,7 +273,13 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
 
     def load(ind, stream, h, r, j, step):
         name, loader, pl = stream[:3]
-        emit(f"{ind}{name}{h}{r}_{j} = {loader}({plane[h][pl]}, row{r}, {step}, nb, i)")
+        emit(f"{ind}{name}{h}{r}_{j} = {loader}({plane[h][pl]}, b{name}{r}, int32({step}))")
+
+    # a row's first word of each stream (gate and up rows alike): the step's
+    # offset is then int32 arithmetic shared by all rows
+    for name, *_, words, first in streams:
+        for r in (0, 1):
+            emit(f"    b{name}{r} = row{r} * nb * {words} + {first} + i")
 
     issue("    ", "0", "0")
     emit("    cp_async_commit()")
@@ -328,7 +335,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
     for kss in range(st):
         emit(f"{ind}kk = kq + {kss}")
         for stream in streams:
-            name, _, _, period, fresh = stream
+            name, _, _, period, fresh = stream[:5]
             j = kss % fresh
             # whether the step starts using new words: known here unless a
             # stage is shorter than the group
