@@ -79,16 +79,18 @@ STREAMS = {Q.Q4_K: (("w", "_q4k_word", 0, 4, 2, 36, 4),),
 SS = 12
 
 
-def min_blocks(tile_m: int) -> int:
+def min_blocks(tile_m: int, gate_up: bool) -> int:
     """Register budget: 128-thread blocks a multiprocessor must fit.
 
-    Tiles of up to 16 tokens hold few accumulators: 4 blocks (128 registers)
-    hide more latency; larger tiles need 3 (170).  H100, whole forward:
-    T=64 (tile 8) 600 / 568 / 571 / 605 us at 3 / 4 / 5 / 6 blocks, T=128
-    (tile 16) 680 / 645 / 682 / 779, T=256 (tile 32) 868 / 910 / 1235, T=512
-    (tile 64) 1277 / 1298 / 1636.
+    Kernels with few accumulators take 4 blocks (128 registers: more warps
+    to hide latency), larger ones 3 (170).  H100, whole forward with the
+    session-6 kernels: T=64 (tile 8) 377 / 407 us at 4 / 5 blocks, T=128
+    (tile 16) 446 / 518; T=512 (tile 32) gate / up 404 / 439 us at 3 / 4,
+    down 359 / 324.  (Session 4: T=64 600 / 568 / 571 / 605 at 3 / 4 / 5 /
+    6, T=256 (tile 32) 868 / 910 / 1235 at 3 / 4 / 5, T=512 (tile 64) 1277 /
+    1298 / 1636.)
     """
-    return 4 if tile_m <= 16 else 3
+    return 4 if tile_m <= 16 or (tile_m <= 32 and not gate_up) else 3
 
 
 # fp16 pairs: 1.0, -1056.0 (= -(1024 + 32)); the exponent of 1024 over a small integer
@@ -435,4 +437,4 @@ def _make(qtype, gate_up: bool, tile_m: int):
               _int2=_int2, _M1024=_M1024, hfma2=hfma2, _pick4=_pick4, cp_async16=cp_async16,
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
     exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
-    return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m)))(ns["kernel"])
+    return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m, gate_up)))(ns["kernel"])
