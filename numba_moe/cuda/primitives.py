@@ -19,8 +19,8 @@ from numba import cuda, float32, float64, int32, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "store4", "shared_load4", "as_f32", "half2_f32",
-           "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
+           "warp_argmax", "warp_sync", "load4", "load2", "store4", "shared_load4", "as_f32",
+           "half2_f32", "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
            "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
            "silu", "block_exclusive_scan", "next_pow2"]
 
