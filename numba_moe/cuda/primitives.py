@@ -68,6 +68,14 @@ if not SIMULATOR:
     from numba.cuda.extending import intrinsic
     from numba.cuda import cgutils
 
+    def _item_ptr(context, builder, sig, args, a, k):
+        """LLVM pointer to ``arr[i]`` for intrinsic argument ``a`` (the array)
+        and ``k`` (the index); no wraparound, no bounds check."""
+        aryty = sig.args[a]
+        ary = context.make_array(aryty)(context, builder, args[a])
+        index = context.cast(builder, args[k], sig.args[k], types.intp)
+        return cgutils.get_item_pointer(context, builder, aryty, ary, [index], wraparound=False)
+
     def _vector_load(width):
         """An intrinsic ``(arr, i) -> UniTuple(dtype, width)``: one
         ``ld.global.nc.v{width}`` of ``arr[i : i + width]`` (32-bit dtypes).
@@ -84,11 +92,7 @@ if not SIMULATOR:
             sig = types.UniTuple(ety, width)(arr, idx)
 
             def codegen(context, builder, sig, args):
-                aryty = sig.args[0]
-                ary = context.make_array(aryty)(context, builder, args[0])
-                index = context.cast(builder, args[1], sig.args[1], types.intp)
-                ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
-                                               wraparound=False)
+                ptr = _item_ptr(context, builder, sig, args, 0, 1)
                 lty = context.get_value_type(ety)
                 fnty = ir.FunctionType(ir.LiteralStructType([lty] * width), [ptr.type])
                 c = "f" if isinstance(ety, types.Float) else "r"
@@ -117,11 +121,7 @@ if not SIMULATOR:
         sig = types.void(arr, idx, types.uint32, types.uint32, types.uint32, types.uint32)
 
         def codegen(context, builder, sig, args):
-            aryty = sig.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            index = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
-                                           wraparound=False)
+            ptr = _item_ptr(context, builder, sig, args, 0, 1)
             lty = context.get_value_type(types.uint32)
             fnty = ir.FunctionType(ir.VoidType(), [ptr.type] + [lty] * 4)
             asm = ir.InlineAsm(fnty, "st.global.v4.u32 [$0], {$1, $2, $3, $4};",
@@ -148,11 +148,7 @@ if not SIMULATOR:
         sig = types.UniTuple(ety, 4)(arr, idx)
 
         def codegen(context, builder, sig, args):
-            aryty = sig.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            index = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index],
-                                           wraparound=False)
+            ptr = _item_ptr(context, builder, sig, args, 0, 1)
             vty = ir.VectorType(context.get_value_type(ety), 4)
             sptr = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, addrspace=3))
             vec = builder.load(builder.bitcast(sptr, ir.PointerType(vty, addrspace=3)), align=16)
@@ -341,13 +337,7 @@ if not SIMULATOR:
         sig = types.void(dst, didx, src, sidx)
 
         def codegen(context, builder, sig, args):
-            ptrs = []
-            for a, k in ((0, 1), (2, 3)):
-                aryty = sig.args[a]
-                ary = context.make_array(aryty)(context, builder, args[a])
-                index = context.cast(builder, args[k], sig.args[k], types.intp)
-                ptrs.append(cgutils.get_item_pointer(context, builder, aryty, ary, [index],
-                                                     wraparound=False))
+            ptrs = [_item_ptr(context, builder, sig, args, a, k) for a, k in ((0, 1), (2, 3))]
             fnty = ir.FunctionType(ir.VoidType(), [p.type for p in ptrs])
             asm = ir.InlineAsm(fnty, "{ .reg .u64 %sd; cvta.to.shared.u64 %sd, $0; "
                                "cp.async.cg.shared.global [%sd], [$1], 16; }",
