@@ -466,8 +466,10 @@ def test_fp16_kernel_block_scales(qtype, gate_up, rescale, stage, monkeypatch):
     assert used == [qtype]
     ref = _gemm_reference(g, u, x, ids)
     assert np.isfinite(ref).all() and np.abs(ref).max() > 0
-    # float32 accumulation of exact fp16 products: ~2e-7 (the codes' bound is 1e-4)
-    assert _rel(got.copy_to_host(), ref) < 2e-6
+    # float32 accumulation of exact fp16 products: ~2e-7; Q6_K leaves out the
+    # odd-scale term against the activations' lo halves (relative 2^-12 of
+    # a term 1 / |sc| of the sum): ~2e-6.  The codes' bound is 1e-4.
+    assert _rel(got.copy_to_host(), ref) < (2e-6 if qtype == Q.Q4_K else 1e-5)
 
 
 @pytest.mark.parametrize("kernel,qtype,cols", [("gemv", Q.Q8_0, 64), ("tiled", Q.Q8_0, 64),

@@ -12,6 +12,10 @@ sub-block scales go *into* the operands: an fp16 holds every integer up to
   ``A2 = (sc & 1) * (q - 32)``,
 
 and the activations come as two fp16 terms per value (:mod:`.actsplit`).
+``A2`` multiplies only the hi terms: the lo ones are within 2^-12 of a
+value, and ``A2`` is at most 1 / |sc| of the sub-block's ``A``, so the
+product left out is about 2e-6 of a row's sum (the issue's bound is 1e-4)
+and a step takes three ``mma`` a token tile instead of four.
 The ``mma.m16n8k16`` products accumulate in float32 over a whole
 256-column block; the block's ``d`` (and, for Q4_K, ``dmin`` times the
 sub-block minimums against the activations' 32-column sums, one
@@ -51,7 +55,10 @@ Measured (H100, Qwen3-30B-A3B layer, whole forward): T=512 1837 -> 1283 us,
 T=4096 8531 -> 6376 us against the integer kernel; with the rescaled gate /
 up and fewer instructions a step (session 6: each weight word loaded once,
 index arithmetic hoisted out of the staging and the loads) T=512 772 us,
-T=4096 4063.  Outputs within about 2e-7 of float64.
+T=4096 4063; session 7 (sub-block scales unpacked once a stage, one
+``prmt`` a scale; Q6_K's ``A2`` against hi terms only) T=64 385 -> 351,
+T=512 795 -> 748, T=4096 4035 -> 3794.  Outputs within about 2e-7 of
+float64 (Q4_K), 2e-6 (Q6_K).
 """
 from __future__ import annotations
 
@@ -59,10 +66,10 @@ import gguf
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .decoders import _B2, _B4, _pick4, kq_scale_min, sbyte
+from .decoders import _B2, _B4, _pick4, kq_scale_min
 from .mma import WARPS, tile_head
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
-from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, shared_load4, silu
+from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, prmt, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
 __all__ = ["TYPES", "STREAMS", "stage_steps", "min_blocks", "rescaled", "hmma_kernel"]
@@ -96,11 +103,36 @@ def min_blocks(tile_m: int, gate_up: bool) -> int:
     return 4 if tile_m <= 16 or (tile_m <= 32 and not gate_up) else 3
 
 
-# fp16 pairs: 1.0, -1056.0 (= -(1024 + 32)); the exponent of 1024 over a small integer
-_ONE2 = uint32(0x3C003C00)
-_M1056 = uint32(int(np.array([-1056, -1056], np.float16).view(np.uint32)[0]))
-_M1024 = uint32(int(np.array([-1024, -1024], np.float16).view(np.uint32)[0]))
+
+def _f16x2(v: float) -> uint32:
+    """The fp16 pair ``(v, v)`` as a word."""
+    return uint32(int(np.array([v, v], np.float16).view(np.uint32)[0]))
+
+
+# fp16 pairs: 1.0, -1024, -1056 (= -(1024 + 32)), -1152 (= -(1024 + 128));
+# the exponent of 1024 over a small integer, in one fp16 or in every byte
+_ONE2 = _f16x2(1.0)
+_M1024 = _f16x2(-1024.0)
+_M1056 = _f16x2(-1056.0)
+_M1152 = _f16x2(-1152.0)
 _MAG = uint32(0x64006400)
+_MAG8 = uint32(0x64646464)
+_B6 = uint32(0x3F3F3F3F)
+_B1 = uint32(0x01010101)
+_SIGN8 = uint32(0x80808080)
+_EVEN8 = uint32(0xFEFEFEFE)
+
+
+def _pair_low(b: int) -> int:
+    """``prmt`` selector: byte ``b`` of the first word under the second's
+    byte 0 (0x64 in :data:`_MAG8`), in both halves: ``half2(1024 + byte)``."""
+    return 0x4040 | b | b << 8
+
+
+def _pair_high(b: int) -> int:
+    """``prmt`` selector: byte ``b`` of the first word over a zero byte of
+    the second (0), in both halves: ``byte << 8`` in each half."""
+    return 0x0404 | b << 4 | b << 12
 _LOW4 = uint32(0x000F000F)
 _LOW8 = uint32(0x00FF00FF)
 
@@ -154,10 +186,14 @@ def _q4k_frags(w, shift, sc2, nsc2):
 
 
 @device_inline
-def _int2(v):
-    """The fp16 pair ``(v, v)`` of a small integer."""
-    f = float32(v)
-    return pack_half2(f, f)
+def _q4k_scales(h1, h3, sb):
+    #   header words 1 and 3 of a Q4_K block (bytes 4..7, 12..15), byte j = 0..3:
+    #     h1: sc_j (bits 0-5) | bits 4-5 of sc_{j+4} (bits 6-7)
+    #     h3: bits 0-3 of sc_{j+4} (bits 0-3) | bits 0-3 of m_{j+4} (bits 4-7)
+    """Word whose byte ``k`` is the 6-bit scale of sub-block ``sb + k`` (``sb``
+    0..7, ``k`` up to the end of its half of the block)."""
+    w = ((h3 & _B4) | (((h1 >> uint32(6)) & _B2) << uint32(4))) if sb >= 4 else h1 & _B6
+    return w >> uint32(8 * (sb & 3))
 
 
 # Q6_K (planes in :mod:`.weights`: ql, qh, scales, d): step ks of a row is
@@ -181,16 +217,14 @@ def _q6k_qh(wb, base, ks):
 
 
 @device_inline
-def _q6k_frags(ql, qh, t, sc):
+def _q6k_frags(ql, qh, t, e2, o2):
     #   6-bit code c_b of byte b: ql nibble (bit 4 (t >> 1)) | qh bits 2t .. 2t+1 << 4
     #   c - 32 exactly: half(1024 + c) * 1 - 1056
     #   A1 = (sc & ~1) (c - 32): even, |.| <= 4096, exact;  A2 = (sc & 1) (c - 32)
+    #   (e2, o2: the fp16 pairs of sc & ~1 and sc & 1)
     c = ((ql >> uint32(4 * (t >> 1))) & _B4) | (((qh >> uint32(2 * t)) & _B2) << uint32(4))
     p = hfma2((c & _LOW8) | _MAG, _ONE2, _M1056)
     q = hfma2(((c >> uint32(8)) & _LOW8) | _MAG, _ONE2, _M1056)
-    odd = sc & 1
-    e2 = _int2(sc - odd)
-    o2 = _ONE2 * uint32(odd)
     return hfma2(p, e2, 0), hfma2(q, e2, 0), hfma2(p, o2, 0), hfma2(q, o2, 0)
 
 
@@ -337,6 +371,19 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
         for n in range(ntiles):
             for k in (2 * r, 2 * r + 1):
                 emit(f"            c{h}_{n}_{k} *= f")
+    # the stage's sub-block scales, one per byte (a zero-d block's zeroed
+    # when rescaling): Q4_K sw, byte k sub-block (kq >> 1) + k; Q6_K, scale
+    # byte kk of the block (step kk's) in word kk >> 2, as se = (sc & ~1) +
+    # 128 and so = 0x3C (sc & 1) (the high byte of fp16 1.0)
+    for h, r in hr:
+        zm = f" * uint32(z{h}{r})" if rs else ""
+        if q4:
+            emit(f"        sw{h}{r} = _q4k_scales(k{h}{r}_1, k{h}{r}_3, kq >> 1){zm}")
+            continue
+        for j in range(st // 4):
+            emit(f"""        w = _pick4((kq >> 2) + {j}, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, k{h}{r}_3){zm}
+        se{h}{r}_{j} = (w ^ _SIGN8) & _EVEN8
+        so{h}{r}_{j} = (w & _B1) * uint32(0x3C)""")
     ind = " " * 8
     for kss in range(st):
         emit(f"{ind}kk = kq + {kss}")
@@ -358,31 +405,30 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
         if q4:
             if kss % 2 == 0:
                 for h, r in hr:
-                    emit(f"{ind}sc, _ = kq_scale_min(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, kk >> 1)")
-                    gate = f"z{h}{r} * " if rs else ""
-                    emit(f"{ind}sz = {gate}int32(sc)")
-                    # -1024 sc in fp16 arithmetic: exact (|sc| <= 63), no integer conversion
-                    emit(f"{ind}s2{h}{r} = _int2(sz)\n{ind}n2{h}{r} = hfma2(s2{h}{r}, _M1024, 0)")
+                    # (sc, sc) = half2(1024 + sc) - 1024, and -1024 sc: exact
+                    # fp16 arithmetic (|sc| <= 63), no integer conversion
+                    emit(f"{ind}s2{h}{r} = hfma2(prmt(sw{h}{r}, _MAG8, {_pair_low(kss >> 1)}), "
+                         f"_ONE2, _M1024)\n{ind}n2{h}{r} = hfma2(s2{h}{r}, _M1024, 0)")
             for h, r in hr:
                 shift = 4 * ((kss >> 1) & 1)
                 emit(f"{ind}x{h}{r}, y{h}{r} = _q4k_frags(cw{h}{r}_{kss % 2}, uint32({shift}), "
                      f"s2{h}{r}, n2{h}{r})")
         else:
-            emit(f"{ind}tq = (kk & 7) >> 1")
-            emit(f"{ind}si = 8 * (kk >> 3) + {kss & 1} + 2 * tq")
+            # table row (kk & 7) >> 1: a constant when stages are whole halves
+            tq = f"{(kss & 7) >> 1}" if st % 8 == 0 else f"((kq & 7) + {kss}) >> 1"
+            j, b = kss >> 2, kss & 3
             for h, r in hr:
-                gate = f"z{h}{r} * " if rs else ""
-                emit(f"{ind}sc = {gate}sbyte(_pick4(si >> 2, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, "
-                     f"k{h}{r}_3), uint32(8 * (si & 3)))")
-                emit(f"{ind}x{h}{r}, y{h}{r}, u{h}{r}, v{h}{r} = _q6k_frags(cl{h}{r}_{kss % 4}, "
-                     f"cq{h}{r}_{kss % 2}, tq, sc)")
+                emit(f"""{ind}e2 = hfma2(prmt(se{h}{r}_{j}, _MAG8, {_pair_low(b)}), _ONE2, _M1152)
+{ind}o2 = prmt(so{h}{r}_{j}, 0, {_pair_high(b)})
+{ind}x{h}{r}, y{h}{r}, u{h}{r}, v{h}{r} = _q6k_frags(cl{h}{r}_{kss % 4}, cq{h}{r}_{kss % 2}, {tq}, e2, o2)""")
         for n in range(ntiles):
             emit(f"{ind}b{n}_0, b{n}_1, b{n}_2, b{n}_3 = shared_load4(xs, (buf * {tile_m} + "
                  f"{8 * n} + g) * {xsw} + {16 * kss} + 4 * i)")
-        # independent products back to back: term, then hi / lo, then tile and half
-        terms = [("x", "y")] if q4 else [("x", "y"), ("u", "v")]
-        for pa, qa in terms:
-            for b0, b1 in ((0, 1), (2, 3)):
+        # independent products back to back: term, then hi / lo, then tile and
+        # half; Q6_K's A2 only against the hi halves (A2 lo: see the docstring)
+        terms = [("x", "y", 2)] if q4 else [("x", "y", 2), ("u", "v", 1)]
+        for pa, qa, n_b in terms:
+            for b0, b1 in ((0, 1), (2, 3))[:n_b]:
                 for n in range(ntiles):
                     for h in halves:
                         acc = ", ".join(f"c{h}_{n}_{k}" for k in range(4))
@@ -437,9 +483,10 @@ def _make(qtype, gate_up: bool, tile_m: int):
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
               load4=load4, shared_load4=shared_load4, half2_f32=half2_f32,
               pack_half2=pack_half2, mma_f16=mma_f16, mma_f16_k8=mma_f16_k8, silu=silu,
-              kq_scale_min=kq_scale_min, sbyte=sbyte, _q4k_word=_q4k_word,
+              kq_scale_min=kq_scale_min, _q4k_word=_q4k_word, _q4k_scales=_q4k_scales,
               _q4k_frags=_q4k_frags, _q6k_ql=_q6k_ql, _q6k_qh=_q6k_qh, _q6k_frags=_q6k_frags,
-              _int2=_int2, _M1024=_M1024, hfma2=hfma2, _pick4=_pick4, cp_async16=cp_async16,
+              _ONE2=_ONE2, _M1024=_M1024, _M1152=_M1152, _MAG8=_MAG8, _SIGN8=_SIGN8,
+              _EVEN8=_EVEN8, _B1=_B1, hfma2=hfma2, prmt=prmt, _pick4=_pick4, cp_async16=cp_async16,
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
     exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
     return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m, gate_up)))(ns["kernel"])

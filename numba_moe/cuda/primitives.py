@@ -20,7 +20,7 @@ from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
            "warp_argmax", "warp_sync", "load4", "load2", "store4", "shared_load4", "as_f32",
-           "half2_f32", "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2",
+           "half2_f32", "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2", "prmt",
            "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
            "silu", "block_exclusive_scan", "next_pow2"]
 
@@ -227,6 +227,10 @@ if not SIMULATOR:
     dp4a = _asm3("dp4a.s32.s32 $0, $1, $2, $3;", types.int32)
     # ``a * b + c`` on the two fp16 halves of the words, one rounding; a uint32 word
     hfma2 = _asm3("fma.rn.f16x2 $0, $1, $2, $3;", types.uint32)
+    # byte ``k`` of the result: byte ``(c >> 4k) & 15`` of the eight bytes of
+    # ``a`` (0..3) then ``b`` (4..7); a uint32 word (selector nibbles 0..7
+    # only: the sign-replicating 8..15 have no simulator twin)
+    prmt = _asm3("prmt.b32 $0, $1, $2, $3;", types.uint32)
 
     def _mma_asm(k: int, n_a: int, n_b: int, fp16: bool):
         """``codegen`` of ``mma.sync.aligned.m16n8k{k}``: ``n_a`` A words, ``n_b``
@@ -539,6 +543,12 @@ else:
     def hfma2(a, b, c):
         r = _halves((a,))[0] * _halves((b,))[0] + _halves((c,))[0]
         return np.uint32(r.astype(np.float16).view(np.uint32)[0])
+
+    def prmt(a, b, c):
+        src = np.array([int(a) & _FULL, int(b) & _FULL], np.uint32).view(np.uint8)
+        sel = int(c)
+        out = [src[(sel >> (4 * k)) & 7] for k in range(4)]
+        return np.array(out, np.uint8).view(np.uint32)[0]
 
     def pack_half2(lo, hi):
         return np.uint32(np.array([lo, hi], np.float16).view(np.uint32)[0])

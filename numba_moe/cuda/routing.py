@@ -141,6 +141,52 @@ def route_token(logits, row, lane, sh, base, n_exp, top_k, gating, norm, bias, h
     return my_id, w
 
 
+@cuda.jit(device=True)
+def _add_planes(logits, row, lane, lstride, parts, part_stride):
+    """Add planes ``1 .. parts - 1`` of a row's columns into plane 0, in
+    plane order, by one warp.
+
+    The planes are partial sums still in L2, so the time is load latency: a
+    lane takes four columns 32 apart and eight planes a round, 32 loads in
+    flight instead of one.  Columns past the row read its last one and
+    store nothing.
+    """
+    last = row + lstride - 1
+    for c in range(row + lane, row + lstride, 128):
+        i1 = min(c + 32, last)
+        i2 = min(c + 64, last)
+        i3 = min(c + 96, last)
+        v0 = logits[c]
+        v1 = logits[i1]
+        v2 = logits[i2]
+        v3 = logits[i3]
+        z = 1
+        while z < parts:
+            n = min(parts - z, 8)
+            a = cuda.local.array((8, 4), float32)
+            for j in range(8):
+                if j < n:
+                    o = int64(z + j) * part_stride
+                    a[j, 0] = logits[o + c]
+                    a[j, 1] = logits[o + i1]
+                    a[j, 2] = logits[o + i2]
+                    a[j, 3] = logits[o + i3]
+            for j in range(8):
+                if j < n:
+                    v0 += a[j, 0]
+                    v1 += a[j, 1]
+                    v2 += a[j, 2]
+                    v3 += a[j, 3]
+            z += n
+        logits[c] = v0
+        if c + 32 <= last:
+            logits[i1] = v1
+        if c + 64 <= last:
+            logits[i2] = v2
+        if c + 96 <= last:
+            logits[i3] = v3
+
+
 @cuda.jit
 def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
                  n_group, topk_group, scale, ids, weights, parts, part_stride):
@@ -161,11 +207,7 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
     row = (t if valid else n_tok - 1) * lstride
     if parts > 1:
         if valid:
-            for c in range(lane, lstride, 32):
-                v = logits[row + c]
-                for z in range(1, parts):
-                    v += logits[int64(z) * part_stride + row + c]
-                logits[row + c] = v
+            _add_planes(logits, row, lane, lstride, parts, part_stride)
         # the lanes read each other's sums (syncwarp orders global memory too)
         warp_sync()
     my_id, w = route_token(logits, row, lane, sh, warp * (2 * n_exp + n_group), n_exp, top_k,
