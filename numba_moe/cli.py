@@ -91,7 +91,6 @@ def _load(args):
 
 
 def _cmd_run(args) -> int:
-    import numba_moe as nm
     from .errors import MoEError
     from .reference import moe_forward_reference
     from .cpu.forward import touched_expert_bytes

@@ -415,6 +415,17 @@ def test_gemm_matches_reference(qtype, kernel, gate_up, nt, monkeypatch):
     _check_gemm(qtype, kernel, gate_up, 3, 12, 256, 3, 2, seed=int(qtype), nt=nt)
 
 
+@pytest.mark.parametrize("row_fast", [False, True], ids=["token-blocks-fast", "row-blocks-fast"])
+@pytest.mark.parametrize("qtype,gate_up", [(Q.Q4_K, True), (Q.Q5_K, False)],
+                         ids=["fp16-Q4_K-gate_up", "int-Q5_K"])
+def test_tiled_block_orders(qtype, gate_up, row_fast, monkeypatch):
+    # both walks of the one-dimensional grid of the tensor-core kernels:
+    # 80 rows (two row blocks, the second partial) x several token blocks;
+    # a block taken twice or never leaves NaN poison or wrong rows
+    monkeypatch.setattr(CUDA_LAUNCH, "row_fast_bytes", -1 if row_fast else 1 << 40)
+    _check_gemm(qtype, "tiled", gate_up, 3, 80, 256, 5, 2, seed=8)
+
+
 @pytest.mark.parametrize("qtype,per_lane", [(Q.Q6_K, 1), (Q.Q6_K, 2), (Q.Q4_K, 2)],
                          ids=["Q6_K-16-lanes", "Q6_K-8-lanes", "Q4_K-8-lanes"])
 def test_gemv_two_register_sets(qtype, per_lane, monkeypatch):

@@ -1,6 +1,4 @@
 """Loader and writer: every architecture, zero-copy views, error messages."""
-import os
-import shutil
 
 import gguf
 import numpy as np

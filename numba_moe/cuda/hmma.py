@@ -37,8 +37,9 @@ units of ``D``, the last nonzero ``d`` of the row so far (a block with ``d =
 
 (one rounding more a block).
 
-Block ``(mb, nb)``: tokens ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]``
-of expert ``block_expert[mb]`` times 64 weight rows (and the 64 matching up
+Token block ``mb``, row block ``rb`` (:func:`~.mma.tile_head`): tokens
+``sorted_ids[mb * tile_m : (mb + 1) * tile_m]`` of expert
+``block_expert[mb]`` times 64 weight rows (and the 64 matching up
 rows in ``gate_up`` mode), 4 warps of 16 rows; a warp holds all ``tile_m``
 tokens as ``tile_m / 8`` mma tiles.  Lane ``(g, i)`` reads the weight word
 of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g + 8`` per step and
@@ -144,16 +145,17 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int):
 
     Signature::
 
-        kernel[(m_blocks, n_blocks), 32 * WARPS, stream](
+        kernel[m_blocks * n_blocks, 32 * WARPS, stream](
             wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xs, cols,
-            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out)
+            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast)
 
     ``nb`` blocks of 256 values a row, ``n_steps`` = ``cols / 16``; ``hx``,
     ``hsum``, ``xs``: the input rows split by :mod:`.actsplit`; input row of
     pair ``p``: token ``p // top_k`` (gate_up) or slot ``pairs_by_token[p]``
     (plain); output row: that slot.  ``tile_m`` (a multiple of 8) is the
     plan's block size; ``n_blocks`` and the block size as for the integer
-    kernel (:func:`~numba_moe.cuda.mma.mma_layout`).
+    kernel (:func:`~numba_moe.cuda.mma.mma_layout`); ``row_fast`` the block
+    order (:func:`~numba_moe.cuda.mma.row_blocks_fast`).
     """
     key = (qtype, gate_up, tile_m)
     if key not in _cache:
@@ -263,7 +265,7 @@ def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     emit = lines.append
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
-           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):""")
+           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast):""")
     emit(tile_head(tile_m, gate_up, True))
     emit(f"""    n_stages = n_steps // {st}
     # two stage buffers: the next stage copies in (cp.async) while this one computes

@@ -13,7 +13,7 @@ from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, t
 from .gemm import tokens_per_pass as tokens_per_pass_for
 from .hmma import TYPES as HMMA_TYPES
 from .hmma import hmma_kernel
-from .mma import mma_kernel, mma_layout
+from .mma import mma_kernel, mma_layout, row_blocks_fast
 from .plan import DevicePlan, plan_capacity, plan_device
 from .primitives import SIMULATOR
 from .qgemv import qgemv_kernel
@@ -96,12 +96,17 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
             CUDA_LAUNCH.gemv_shared_bytes, token_splits)
     codes_path = uses_codes(w, small)
+    # bytes of input rows a tiled tensor-core launch reads: fp16 pairs, or
+    # 16-bit codes (their scales left out)
+    act_bytes = ((num_pairs // top_k if gate_up else num_pairs) * w.cols
+                 * (4 if uses_split(w, small) else 2))
     if uses_split(w, small):
         kern = hmma_kernel(w.qtype, gate_up, tile_m)
         threads, n_blocks = mma_layout(w.rows)
-        kern[(m_blocks, n_blocks), threads, stream](
+        kern[m_blocks * n_blocks, threads, stream](
             *w.planes, *vplanes, w.nb, w.cols // 16, w.rows, *codes, w.cols, num_pairs,
-            top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
+            top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
+            row_blocks_fast(act_bytes))
     elif codes_path and small:
         kern = qgemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
@@ -110,9 +115,10 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     elif codes_path:
         kern = mma_kernel(w.info, gate_up, tile_m)
         threads, n_blocks = mma_layout(w.rows)
-        kern[(m_blocks, n_blocks), threads, stream](
+        kern[m_blocks * n_blocks, threads, stream](
             *w.planes, *vplanes, w.nb, 2 * w.chunks, w.rows, *codes, 2 * w.chunks, num_pairs,
-            top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out)
+            top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
+            row_blocks_fast(act_bytes))
     elif small:
         kern = gemv_kernel(w.info, gate_up, nt)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream, shared](

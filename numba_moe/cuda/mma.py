@@ -58,9 +58,9 @@ def mma_kernel(qi: QInfo, gate_up: bool, tile_m: int):
 
     Signature::
 
-        kernel[(m_blocks, n_blocks), 32 * WARPS, stream](
+        kernel[m_blocks * n_blocks, 32 * WARPS, stream](
             wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
-            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out)
+            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast)
 
     ``n_steps`` = columns / 16; ``xq``, ``xa``: codes of the input rows
     (:mod:`.actquant`), ``groups`` 16-column groups a row (= ``n_steps``);
@@ -81,6 +81,23 @@ def mma_layout(rows: int):
     return 32 * WARPS, -(-rows // ROWS)
 
 
+def row_blocks_fast(act_bytes: int) -> bool:
+    """Whether a tiled tensor-core launch walks row blocks fastest.
+
+    The blocks running at one time then share a token block's activations
+    (and their expert's weights) in L2; with token blocks fastest they share
+    a row block of every expert's weights, and every row block streams all
+    activations again, from DRAM once they outgrow L2.  H100, whole forward
+    (token blocks / row blocks fastest): T=4096 3797 / 3583 us (down
+    projection: 100 MB of activations, 1745 / 1464 us); T=512 713 / 708
+    (down 388 / 431, gate / up 471 / 454); T=64 342 / 343.  So row blocks
+    go fastest above ``CUDA_LAUNCH.row_fast_bytes`` of activations read.
+    """
+    from ..config import CUDA_LAUNCH
+
+    return act_bytes > CUDA_LAUNCH.row_fast_bytes
+
+
 def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
     """Opening lines of a tensor-core kernel body (this one's and :mod:`.hmma`'s).
 
@@ -89,8 +106,20 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
     row ``orow_s`` (-1: padding) in shared memory (with ``scales`` also the
     input row's ``xsc`` entry, ``xsc_s``), and the warp's weight rows ``r0``,
     ``r1`` (global ``row0``, ``row1``).
+
+    The grid is one-dimensional, ``m_blocks * n_blocks`` blocks; with
+    ``row_fast`` block ``b`` takes row block ``b % n_blocks`` of token block
+    ``b // n_blocks`` (see :func:`row_blocks_fast`), else token block ``b %
+    m_blocks`` of row block ``b // m_blocks``.
     """
-    src = f"""    mb = cuda.blockIdx.x
+    src = f"""    nrb = (rows + {ROWS - 1}) // {ROWS}
+    nmb = cuda.gridDim.x // nrb
+    if row_fast:
+        mb = cuda.blockIdx.x // nrb
+        rb = cuda.blockIdx.x - mb * nrb
+    else:
+        rb = cuda.blockIdx.x // nmb
+        mb = cuda.blockIdx.x - rb * nmb
     if mb * {tile_m} >= meta[1]:
         return
     e = block_expert[mb]
@@ -117,7 +146,7 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
         xsc_s[m] = xsc[xr]"""
     return src + f"""
     cuda.syncthreads()
-    r0 = cuda.blockIdx.y * {ROWS} + (tid >> 5) * 16 + g
+    r0 = rb * {ROWS} + (tid >> 5) * 16 + g
     r1 = r0 + 8
     # rows past the end read the last row (valid memory) and write nothing
     row0 = int64(e) * rows + min(r0, rows - 1)
@@ -134,7 +163,7 @@ def _source(tile_m: int, gate_up: bool, center: int) -> str:
     emit = lines.append
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, xq, xa, groups,
-           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out):""")
+           num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast):""")
     emit(tile_head(tile_m, gate_up, False))
     for h in halves:
         for n in range(ntiles):

@@ -231,7 +231,7 @@ def _check_blocks(data, qt, block_bytes):
     if data.dtype != np.uint8:
         raise MoEError(f"data: expected dtype uint8 (raw {qt.name} block bytes), got {data.dtype}")
     if data.ndim < 1:
-        raise MoEError(f"data: expected at least 1 dimension (row bytes last), got a 0-d array")
+        raise MoEError("data: expected at least 1 dimension (row bytes last), got a 0-d array")
     if data.shape[-1] % block_bytes:
         raise MoEError(
             f"data: last axis has {data.shape[-1]} bytes, not a multiple of the "
