@@ -377,7 +377,8 @@ def _gemm_reference(g, u, x, ids):
 # activations as 16-bit codes (numba_moe.cuda.actquant: each within 1.5e-5 of
 # the largest of its 32), 0.6e-5 to 4.4e-5 of relative error on these outputs
 # (the bound for float math is 1e-4); the fp16 tensor-core kernel
-# (Q4_K / Q6_K, tiled) reads 22-bit fp16 pairs: about 2e-7.  Float arithmetic
+# (Q4_K / Q6_K, tiled) reads 22-bit fp16 pairs: about 2e-7 (2e-6 for Q6_K,
+# whose odd-scale part meets only the hi halves).  Float arithmetic
 # elsewhere.
 CODES_TOL = 1e-4
 FLOAT_TOL = 1e-5
