@@ -67,7 +67,7 @@ import gguf
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .decoders import _B2, _B4, _pick4, kq_scale_min
+from .decoders import _B1, _B2, _B4, _pick4, kq_scale_min
 from .mma import WARPS, tile_head
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, prmt, shared_load4, silu
@@ -119,7 +119,6 @@ _M1152 = _f16x2(-1152.0)
 _MAG = uint32(0x64006400)
 _MAG8 = uint32(0x64646464)
 _B6 = uint32(0x3F3F3F3F)
-_B1 = uint32(0x01010101)
 _SIGN8 = uint32(0x80808080)
 _EVEN8 = uint32(0xFEFEFEFE)
 
@@ -388,7 +387,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
         so{h}{r}_{j} = (w & _B1) * uint32(0x3C)""")
     ind = " " * 8
     for kss in range(st):
-        emit(f"{ind}kk = kq + {kss}")
+        if any(st % stream[3] for stream in streams):
+            emit(f"{ind}kk = kq + {kss}")
         for stream in streams:
             name, _, _, period, fresh = stream[:5]
             j = kss % fresh
