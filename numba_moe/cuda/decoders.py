@@ -178,15 +178,7 @@ def _kq_affine(h0, h1, h2, h3, j, ab, abo):
     picked by one word select and one shift.
     """
     d, dmin = half2_f32(h0)
-    m6 = uint32(0x3F3F3F3F)
-    m4 = uint32(0x0F0F0F0F)
-    m2 = uint32(0x03030303)
-    hi = j >= 2
-    sc = ((h3 & m4) | (((h1 >> uint32(6)) & m2) << uint32(4))) if hi else h1 & m6
-    mn = (((h3 >> uint32(4)) & m4) | (((h2 >> uint32(6)) & m2) << uint32(4))) if hi else h2 & m6
-    sh = uint32((j & 1) * 16)
-    sc >>= sh
-    mn >>= sh
+    sc, mn = kq_scale_words(h1, h2, h3, 2 * j)
     ab[abo] = d * _small(sc & _U8)
     ab[abo + 1] = d * _small((sc >> uint32(8)) & _U8)
     ab[abo + 4] = dmin * _small(mn & _U8)
@@ -194,9 +186,14 @@ def _kq_affine(h0, h1, h2, h3, j, ab, abo):
 
 
 @device_inline
-def kq_scale_min(h1, h2, h3, sb):
-    """6-bit ``(scale, min)`` of sub-block ``sb`` (0..7) of a Q4_K / Q5_K block
-    from its header words 1..3, as uint32."""
+def kq_scale_words(h1, h2, h3, sb):
+    #   header words 1..3 of a Q4_K / Q5_K block (bytes 4..15), byte j = 0..3:
+    #     h1: sc_j (bits 0-5) | bits 4-5 of sc_{j+4} (bits 6-7)
+    #     h2: m_j  (bits 0-5) | bits 4-5 of m_{j+4}  (bits 6-7)
+    #     h3: bits 0-3 of sc_{j+4} (bits 0-3) | bits 0-3 of m_{j+4} (bits 4-7)
+    """Words ``(scales, mins)`` whose byte ``k`` is the 6-bit scale / min of
+    sub-block ``sb + k`` (``sb`` 0..7, ``k`` up to the end of its half of
+    the block): all four of a half unpacked with whole-word masks."""
     m6 = uint32(0x3F3F3F3F)
     m4 = uint32(0x0F0F0F0F)
     m2 = uint32(0x03030303)
@@ -204,7 +201,15 @@ def kq_scale_min(h1, h2, h3, sb):
     sc = ((h3 & m4) | (((h1 >> uint32(6)) & m2) << uint32(4))) if hi else h1 & m6
     mn = (((h3 >> uint32(4)) & m4) | (((h2 >> uint32(6)) & m2) << uint32(4))) if hi else h2 & m6
     sh = uint32(8 * (sb & 3))
-    return (sc >> sh) & _U8, (mn >> sh) & _U8
+    return sc >> sh, mn >> sh
+
+
+@device_inline
+def kq_scale_min(h1, h2, h3, sb):
+    """6-bit ``(scale, min)`` of sub-block ``sb`` (0..7) of a Q4_K / Q5_K block
+    from its header words 1..3, as uint32."""
+    sc, mn = kq_scale_words(h1, h2, h3, sb)
+    return sc & _U8, mn & _U8
 
 
 @device_inline

@@ -67,7 +67,7 @@ import gguf
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .decoders import _B1, _B2, _B4, _pick4, kq_scale_min
+from .decoders import _B1, _B2, _B4, _pick4, kq_scale_min, kq_scale_words
 from .mma import WARPS, tile_head
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
 from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, prmt, shared_load4, silu
@@ -118,7 +118,6 @@ _M1056 = _f16x2(-1056.0)
 _M1152 = _f16x2(-1152.0)
 _MAG = uint32(0x64006400)
 _MAG8 = uint32(0x64646464)
-_B6 = uint32(0x3F3F3F3F)
 _SIGN8 = uint32(0x80808080)
 _EVEN8 = uint32(0xFEFEFEFE)
 
@@ -184,17 +183,6 @@ def _q4k_frags(w, shift, sc2, nsc2):
     p = (n & _LOW4) | _MAG
     q = ((n >> uint32(8)) & _LOW4) | _MAG
     return hfma2(p, sc2, nsc2), hfma2(q, sc2, nsc2)
-
-
-@device_inline
-def _q4k_scales(h1, h3, sb):
-    #   header words 1 and 3 of a Q4_K block (bytes 4..7, 12..15), byte j = 0..3:
-    #     h1: sc_j (bits 0-5) | bits 4-5 of sc_{j+4} (bits 6-7)
-    #     h3: bits 0-3 of sc_{j+4} (bits 0-3) | bits 0-3 of m_{j+4} (bits 4-7)
-    """Word whose byte ``k`` is the 6-bit scale of sub-block ``sb + k`` (``sb``
-    0..7, ``k`` up to the end of its half of the block)."""
-    w = ((h3 & _B4) | (((h1 >> uint32(6)) & _B2) << uint32(4))) if sb >= 4 else h1 & _B6
-    return w >> uint32(8 * (sb & 3))
 
 
 # Q6_K (planes in :mod:`.weights`: ql, qh, scales, d): step ks of a row is
@@ -379,7 +367,9 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
     for h, r in hr:
         zm = f" * uint32(z{h}{r})" if rs else ""
         if q4:
-            emit(f"        sw{h}{r} = _q4k_scales(k{h}{r}_1, k{h}{r}_3, kq >> 1){zm}")
+            emit(f"        sw{h}{r}, _ = kq_scale_words(k{h}{r}_1, k{h}{r}_2, k{h}{r}_3, kq >> 1)")
+            if rs:
+                emit(f"        sw{h}{r} *= uint32(z{h}{r})")
             continue
         for j in range(st // 4):
             emit(f"""        w = _pick4((kq >> 2) + {j}, k{h}{r}_0, k{h}{r}_1, k{h}{r}_2, k{h}{r}_3){zm}
@@ -485,7 +475,7 @@ def _make(qtype, gate_up: bool, tile_m: int):
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
               load4=load4, shared_load4=shared_load4, half2_f32=half2_f32,
               pack_half2=pack_half2, mma_f16=mma_f16, mma_f16_k8=mma_f16_k8, silu=silu,
-              kq_scale_min=kq_scale_min, _q4k_word=_q4k_word, _q4k_scales=_q4k_scales,
+              kq_scale_min=kq_scale_min, _q4k_word=_q4k_word, kq_scale_words=kq_scale_words,
               _q4k_frags=_q4k_frags, _q6k_ql=_q6k_ql, _q6k_qh=_q6k_qh, _q6k_frags=_q6k_frags,
               _ONE2=_ONE2, _M1024=_M1024, _M1152=_M1152, _MAG8=_MAG8, _SIGN8=_SIGN8,
               _EVEN8=_EVEN8, _B1=_B1, hfma2=hfma2, prmt=prmt, _pick4=_pick4, cp_async16=cp_async16,
