@@ -182,6 +182,13 @@ class CudaLaunch:
         Register budget of the GEMV kernel: blocks of 256 threads that must
         fit on one multiprocessor (2: 128 registers a thread; 4, 64 registers,
         spills with several tokens a pass).
+    gemv_gate_up_min_blocks : int
+        ``gemv_min_blocks`` of the integer GEMV's gate / up kernel at one token
+        a pass (every routed GEMV of a Q4_K / Q6_K layer): its 64 registers
+        leave room for twice the warps, while the down kernel, whose two sets
+        of prefetched weight words need more, loses at 64 (H100, Qwen3-30B-A3B
+        layer, gate / up phase at 2 / 3 / 4 blocks: T=1 11.4 / 8.9 / 8.8 us,
+        T=16 125.6 / 109.8 / 105.6; down 84.5 / 131.3 / 164.8 at T=16).
     gemv_chunks_per_lane : int
         32-value chunks of a weight row each GEMV lane walks (fewer lanes
         per row when rows are long enough).
@@ -228,6 +235,7 @@ class CudaLaunch:
     router_gemv_max_tokens: int = 16
     graphs: bool = True
     gemv_min_blocks: int = 2
+    gemv_gate_up_min_blocks: int = 4
     gemv_chunks_per_lane: int = 4
     gemv_shared_bytes: int = 32768
     gemv_single_warps: int = 8

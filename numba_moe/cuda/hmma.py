@@ -70,7 +70,8 @@ from numba import cuda, float32, int32, int64, uint32
 from .decoders import _B1, _B2, _B4, _pick4, kq_scale_min, kq_scale_words
 from .mma import WARPS, tile_head
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
-from .primitives import hfma2, load4, mma_f16, mma_f16_k8, pack_half2, prmt, shared_load4, silu
+from .primitives import hfma2, load1, load4, mma_f16, mma_f16_k8, pack_half2, prmt
+from .primitives import shared_load4, silu
 from .primitives import kernel as kernel_jit
 
 __all__ = ["TYPES", "STREAMS", "stage_steps", "min_blocks", "rescaled", "hmma_kernel"]
@@ -171,7 +172,7 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int):
 @device_inline
 def _q4k_word(w, base, ks):
     """The word of step ``ks`` (int32) of the row and lane whose first is ``w[base]``."""
-    return w[base + int32(36 * (ks >> 4) + 8 * ((ks & 15) >> 2) + 4 * (ks & 1))]
+    return load1(w, base + int32(36 * (ks >> 4) + 8 * ((ks & 15) >> 2) + 4 * (ks & 1)))
 
 
 @device_inline
@@ -196,13 +197,13 @@ def _q4k_frags(w, shift, sc2, nsc2):
 # the ql / qh word of step ks (int32) of the row and lane whose first is at base
 @device_inline
 def _q6k_ql(wa, base, ks):
-    return wa[base + int32(32 * (ks >> 4) + 16 * ((ks & 15) >> 3) + 8 * ((ks >> 1) & 1)
-                           + 4 * (ks & 1))]
+    return load1(wa, base + int32(32 * (ks >> 4) + 16 * ((ks & 15) >> 3) + 8 * ((ks >> 1) & 1)
+                                  + 4 * (ks & 1)))
 
 
 @device_inline
 def _q6k_qh(wb, base, ks):
-    return wb[base + int32(16 * (ks >> 4) + 8 * ((ks & 15) >> 3) + 4 * (ks & 1))]
+    return load1(wb, base + int32(16 * (ks >> 4) + 8 * ((ks & 15) >> 3) + 4 * (ks & 1)))
 
 
 @device_inline

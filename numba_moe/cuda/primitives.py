@@ -19,8 +19,8 @@ from numba import cuda, float32, float64, int32, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "store4", "shared_load4", "as_f32",
-           "half2_f32", "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2", "prmt",
+           "warp_argmax", "warp_sync", "load4", "load2", "load1", "store4", "shared_load4",
+           "as_f32", "half2_f32", "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2", "prmt",
            "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
            "silu", "block_exclusive_scan", "next_pow2"]
 
@@ -110,6 +110,28 @@ if not SIMULATOR:
 
     load4 = _vector_load(4)
     load2 = _vector_load(2)
+
+    @intrinsic
+    def load1(typingctx, arr, idx):
+        """``arr[i]`` (32-bit dtype) by one ``ld.global.nc``, without the
+        negative-index wraparound of plain indexing (a sign shift, a mask and a
+        64-bit add a load in the weight-word streams of :mod:`.hmma`).  The
+        caller guarantees ``0 <= i < arr.size`` and no writes to ``arr``
+        during the kernel."""
+        ety = arr.dtype
+        if ety.bitwidth != 32 or not isinstance(arr, types.Array):
+            return None
+        sig = ety(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            ptr = _item_ptr(context, builder, sig, args, 0, 1)
+            c = "f" if isinstance(ety, types.Float) else "r"
+            fnty = ir.FunctionType(context.get_value_type(ety), [ptr.type])
+            asm = ir.InlineAsm(fnty, f"ld.global.nc.{'f32' if c == 'f' else 'u32'} $0, [$1];",
+                               f"={c},l")
+            return builder.call(asm, [ptr])
+
+        return sig, codegen
 
     @intrinsic
     def store4(typingctx, arr, idx, v0, v1, v2, v3):
@@ -456,6 +478,9 @@ else:
 
     def load2(arr, i):
         return arr[i], arr[i + 1]
+
+    def load1(arr, i):
+        return arr[i]
 
     def store4(arr, i, v0, v1, v2, v3):
         arr[i], arr[i + 1], arr[i + 2], arr[i + 3] = v0, v1, v2, v3

@@ -38,7 +38,7 @@ from .gemm import GEMV_MAX_THREADS, gemv_head, gemv_store
 from .primitives import dp4a, load2, load4, seg_sum, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["qgemv_kernel"]
+__all__ = ["qgemv_kernel", "min_blocks"]
 
 _cache = {}
 
@@ -59,12 +59,21 @@ def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int):
     :mod:`numba_moe.cuda.actquant` (rows of ``n_chunks * 32`` values) in
     place of ``x``; no shared memory.
     """
+    key = (qi.qtype, gate_up, nt, min_blocks(gate_up, nt))
+    if key not in _cache:
+        _cache[key] = _make(qi, gate_up, nt, key[-1])
+    return _cache[key]
+
+
+def min_blocks(gate_up: bool, nt: int) -> int:
+    """Register budget of the kernel (256-thread blocks a multiprocessor must
+    fit): ``CUDA_LAUNCH.gemv_gate_up_min_blocks`` for gate / up one token a
+    pass, else ``CUDA_LAUNCH.gemv_min_blocks``."""
     from ..config import CUDA_LAUNCH
 
-    key = (qi.qtype, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
-    if key not in _cache:
-        _cache[key] = _make(qi, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
-    return _cache[key]
+    if gate_up and nt == 1:
+        return CUDA_LAUNCH.gemv_gate_up_min_blocks
+    return CUDA_LAUNCH.gemv_min_blocks
 
 
 def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
