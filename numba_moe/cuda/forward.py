@@ -26,11 +26,9 @@ Dense (float32) experts take the float GEMV and the SIMT tiled kernel of
 to ``CUDA_LAUNCH.router_block_max_tokens`` tokens (:mod:`.router`), the
 float GEMV up to ``CUDA_LAUNCH.router_gemv_max_tokens`` (by default no
 token count), the tiled kernel above, its columns split into partial
-planes that the routing kernel adds (E rows alone make too few blocks).
-The per-row router kernel also writes the codes of ``x``, routes the tokens
-and builds the plan in its last block: a decode step's router, top-k and
-plan are one launch (unless E is too large for that block's shared memory,
-:func:`.router.tail_layout`).
+planes that the routing kernel adds (E rows alone make too few blocks); the
+per-row router kernel also writes the codes of ``x`` (one launch less in a
+decode step).
 """
 from __future__ import annotations
 
@@ -53,7 +51,7 @@ from .matmul import launch_expert_gemm, uses_codes, uses_split
 from .plan import (PAIRS_PER_THREAD, DevicePlan, check_plan_size, empty_plan, launch_plan,
                    plan_capacity)
 from .primitives import SIMULATOR, next_pow2
-from .router import Tail, launch_router, tail_layout
+from .router import launch_router
 from .routing import MAX_TOP_K, launch_topk
 from .weights import upload_dense, upload_gate_up, upload_weights
 
@@ -184,8 +182,6 @@ class _Buffers:
         self.out = f32(cap * h)
         self.logits = f32(st.logits_size(cap))
         self.ids = cuda.device_array(p, np.int32, stream=stream)
-        # the router's count of finished blocks (each launch leaves it zero)
-        self.done = cuda.to_device(np.zeros(1, np.int32), stream=stream)
         self.weights = f32(p)
         self.plan = empty_plan(p, e, st.block_size, stream)
         self.ident = _identity_plan(cap, st.block_size, stream)
@@ -379,9 +375,7 @@ class CudaMoE:
                                                    and uses_codes(sh[0], shared_small))
         x_split = uses_split(self.gate, small) or (sh is not None
                                                    and uses_split(sh[0], shared_small))
-        # small batches: one launch computes the logits, routes and plans
-        router_block = n_tok <= CUDA_LAUNCH.router_block_max_tokens and tail_layout(
-            n_tok, k, e, self.params[4], CUDA_LAUNCH.router_threads) is not None
+        router_block = n_tok <= CUDA_LAUNCH.router_block_max_tokens
         # partial planes of the tiled router, added by the routing kernel
         parts = 1 if router_block or router_small else self._router_parts(n_tok)
 
@@ -389,10 +383,8 @@ class CudaMoE:
             if router_block:
                 # the router's launch also writes x's codes
                 w = self.router
-                tail = Tail(e, self.params, self.bias, b.ids, b.weights, bs, b.plan, b.done)
                 launch_router(w.planes[0], b.x, n_tok, w.rows, w.cols, self.lstride, b.logits,
-                              CUDA_LAUNCH.router_threads, s, tail,
-                              b.x_codes if x_codes else None)
+                              CUDA_LAUNCH.router_threads, s, b.x_codes if x_codes else None)
                 return
             self._gemm(self.router, None, b.x, b.ident, 1, m_ident, n_tok, 1, b.logits,
                        router_small, splits, nt_tok, k_splits=parts)
@@ -441,10 +433,8 @@ class CudaMoE:
                            self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
                            CUDA_LAUNCH.threads, s)
 
-        out = [("router", router)]
-        if not router_block:
-            out += [("route", topk), ("plan", plan)]
-        out += [("gemm1", gemm1), ("gemm2", gemm2)]
+        out = [("router", router), ("route", topk), ("plan", plan), ("gemm1", gemm1),
+               ("gemm2", gemm2)]
         if self.shared is not None:
             out.append(("shared", shared))
         return out + [("combine", combine)]

@@ -30,7 +30,7 @@ from ..errors import MoEError
 from .primitives import SIMULATOR, block_exclusive_scan
 
 __all__ = ["DevicePlan", "plan_capacity", "empty_plan", "empty_plan_sizes", "launch_plan",
-           "plan_device", "plan_block", "check_plan_size", "PAIRS_PER_THREAD", "PLAN_MAX_EXPERTS",
+           "plan_device", "check_plan_size", "PAIRS_PER_THREAD", "PLAN_MAX_EXPERTS",
            "PLAN_MAX_SLOTS"]
 
 #: Consecutive pairs a thread tests per placement round.
@@ -167,63 +167,6 @@ def _plan_kernel(ids, num_pairs, top_k, n_exp, bs, offsets, packed, pairs_by_tok
                 r += 1
         placed += chunk
         base += nt * PAIRS_PER_THREAD
-
-
-@cuda.jit(device=True)
-def plan_block(ids, num_pairs, top_k, n_exp, bs, hist, key, tmp64, offsets, packed,
-               pairs_by_token, active, meta, sorted_ids, block_expert):
-    """The whole plan by one block, for few pairs (a decode step's routing
-    tail, :mod:`.router`): the same outputs as :func:`launch_plan`.
-
-    ``ids`` int32 ``[num_pairs]`` (shared memory, written before the call and
-    a barrier); shared scratch ``hist`` int32 ``[n_exp]``, ``key`` int64
-    ``[n_exp]`` and ``tmp64`` int64 ``[blockDim]``.  A pair's slot counts the
-    earlier pairs of its expert one by one (``num_pairs`` reads of shared
-    memory a pair): cheap for the few pairs of a decode step, no scan over
-    pairs.
-    """
-    nt = cuda.blockDim.x
-    tid = cuda.threadIdx.x
-    for i in range(tid, n_exp, nt):
-        hist[i] = 0
-    cuda.syncthreads()
-    for p in range(tid, num_pairs, nt):
-        cuda.atomic.add(hist, ids[p], 1)
-    cuda.syncthreads()
-    for i in range(tid, n_exp, nt):
-        h = int64(hist[i])
-        key[i] = (min(h, 1) | (h << _OFF_SHIFT)
-                  | (((h + bs - 1) // bs * bs) << _PAD_SHIFT))
-    cuda.syncthreads()
-    total = block_exclusive_scan(key, n_exp, tmp64)
-    if tid == 0:
-        offsets[n_exp] = num_pairs
-        meta[0] = int32(total & _ACT_MASK)
-        meta[1] = int32(total >> _PAD_SHIFT)
-    # a thread per expert: its offset, rank among active experts and padded run
-    for e in range(tid, n_exp, nt):
-        k = key[e]
-        offsets[e] = int32((k >> _OFF_SHIFT) & _FIELD)
-        cnt = hist[e]
-        if cnt > 0:
-            active[k & _ACT_MASK] = e
-            pad = int32(k >> _PAD_SHIFT)
-            n_blk = (cnt + bs - 1) // bs
-            for b in range(n_blk):
-                block_expert[pad // bs + b] = e
-            for i in range(cnt, n_blk * bs):
-                sorted_ids[pad + i] = num_pairs
-    for p in range(tid, num_pairs, nt):
-        e = ids[p]
-        r = 0
-        for q in range(p):
-            if ids[q] == e:
-                r += 1
-        k = key[e]
-        slot = int32((k >> _OFF_SHIFT) & _FIELD) + r
-        packed[slot] = p // top_k
-        pairs_by_token[p] = slot
-        sorted_ids[int32(k >> _PAD_SHIFT) + r] = p
 
 
 def launch_plan(ids, num_pairs, top_k, num_experts, block_size, plan: DevicePlan,
