@@ -359,8 +359,13 @@ class CudaMoE:
         shared_small = n_tok <= lim
         router_small = n_tok <= CUDA_LAUNCH.router_gemv_max_tokens
         nt = tokens_per_pass(p / e)
-        # two blocks share the passes of an expert when counts spread around the mean
-        routed_splits = 1 if 2 * p <= e else 2
+        # Two blocks share the passes of an expert when counts spread around a
+        # mean above one token.  Not for passes of one token: the second
+        # split's blocks start after every first split's, when the expert's
+        # rows have left L2, and read them from DRAM again (H100, Q4_K / Q6_K
+        # layer, whole forward with 1 / 2 splits: T=12 182 / 187 us, T=16
+        # 217 / 230).
+        routed_splits = 1 if nt == 1 or 2 * p <= e else 2
         nt_tok = tokens_per_pass(n_tok)
         # one split per pass of tokens: the router's rows are few, its tokens many
         splits = min(-(-n_tok // nt_tok), _MAX_SPLITS)

@@ -125,10 +125,9 @@ if not SIMULATOR:
 
         def codegen(context, builder, sig, args):
             ptr = _item_ptr(context, builder, sig, args, 0, 1)
-            c = "f" if isinstance(ety, types.Float) else "r"
+            kind, c = ("f32", "f") if isinstance(ety, types.Float) else ("u32", "r")
             fnty = ir.FunctionType(context.get_value_type(ety), [ptr.type])
-            asm = ir.InlineAsm(fnty, f"ld.global.nc.{'f32' if c == 'f' else 'u32'} $0, [$1];",
-                               f"={c},l")
+            asm = ir.InlineAsm(fnty, f"ld.global.nc.{kind} $0, [$1];", f"={c},l")
             return builder.call(asm, [ptr])
 
         return sig, codegen
