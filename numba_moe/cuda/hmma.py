@@ -107,7 +107,6 @@ def min_blocks(tile_m: int, gate_up: bool) -> int:
     return 4 if tile_m <= 16 or (tile_m <= 32 and not gate_up) else 3
 
 
-
 def _f16x2(v: float) -> uint32:
     """The fp16 pair ``(v, v)`` as a word."""
     return uint32(int(np.array([v, v], np.float16).view(np.uint32)[0]))
@@ -123,6 +122,9 @@ _MAG = uint32(0x64006400)
 _MAG8 = uint32(0x64646464)
 _SIGN8 = uint32(0x80808080)
 _EVEN8 = uint32(0xFEFEFEFE)
+# the low 4 / 8 bits of each fp16 half of a word
+_LOW4 = uint32(0x000F000F)
+_LOW8 = uint32(0x00FF00FF)
 
 
 def _pair_low(b: int) -> int:
@@ -135,8 +137,7 @@ def _pair_high(b: int) -> int:
     """``prmt`` selector: byte ``b`` of the first word over a zero byte of
     the second (0), in both halves: ``byte << 8`` in each half."""
     return 0x0404 | b << 4 | b << 12
-_LOW4 = uint32(0x000F000F)
-_LOW8 = uint32(0x00FF00FF)
+
 
 _cache = {}
 
