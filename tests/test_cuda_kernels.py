@@ -70,7 +70,11 @@ def test_topk_matches_cpu(opts):
 def test_topk_ties_nan_and_inf_rows():
     logits = np.array([[1, 3, 3, 0, 3, -1, 2, 2],           # ties go to the lower id
                        [np.nan] * 8,                        # all NaN: ids 0..K-1
-                       [0, np.nan, 5, 1, -np.inf, 2, 2, 0]], np.float32)
+                       [0, np.nan, 5, 1, -np.inf, 2, 2, 0],
+                       # negative scores of either exponent range (softmax_weight
+                       # selects on the logits); -0 ties 0
+                       [-0.5, -3, -2.5, -0.25, -7, -1.5, -2, -0.75],
+                       [-1, -0.0, 0, -2, -3, -4, -5, -6]], np.float32)
     for gating in ("softmax", "sigmoid", "softmax_weight"):
         ref, ids, w = _route_both(logits, 3, dict(gating=gating), np.random.default_rng(0))
         np.testing.assert_array_equal(ids, ref.expert_ids)
@@ -425,6 +429,21 @@ def test_tiled_block_orders(qtype, gate_up, row_fast, monkeypatch):
     # a block taken twice or never leaves NaN poison or wrong rows
     monkeypatch.setattr(CUDA_LAUNCH, "row_fast_bytes", -1 if row_fast else 1 << 40)
     _check_gemm(qtype, "tiled", gate_up, 3, 80, 256, 5, 2, seed=8)
+
+
+def test_fp16_down_takes_plan_blocks_in_parts(monkeypatch):
+    # the down projection reads a plan of 16-token blocks as 8-token parts:
+    # 26 pairs on 3 experts fill some second parts and leave others all
+    # padding (those exit); a part taken twice or never leaves NaN poison
+    import numba_moe.cuda.matmul as matmul
+
+    monkeypatch.setattr(CUDA_LAUNCH, "tile_m", 16)
+    monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", 8)
+    built = []
+    make = matmul.hmma_kernel
+    monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
+    _check_gemm(Q.Q6_K, "tiled", False, 3, 80, 256, 13, 2, seed=12)
+    assert built == [(8, 1)]
 
 
 @pytest.mark.parametrize("qtype,per_lane", [(Q.Q6_K, 1), (Q.Q6_K, 2), (Q.Q4_K, 2)],

@@ -142,7 +142,7 @@ def _pair_high(b: int) -> int:
 _cache = {}
 
 
-def hmma_kernel(qtype, gate_up: bool, tile_m: int):
+def hmma_kernel(qtype, gate_up: bool, tile_m: int, part_shift: int = 0):
     """The fp16 tensor-core kernel for weights of type ``qtype`` (one of :data:`TYPES`).
 
     Signature::
@@ -157,11 +157,14 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int):
     (plain); output row: that slot.  ``tile_m`` (a multiple of 8) is the
     plan's block size; ``n_blocks`` and the block size as for the integer
     kernel (:func:`~numba_moe.cuda.mma.mma_layout`); ``row_fast`` the block
-    order (:func:`~numba_moe.cuda.mma.row_blocks_fast`).
+    order (:func:`~numba_moe.cuda.mma.row_blocks_fast`).  With ``part_shift``
+    the plan's blocks are ``2**part_shift`` times ``tile_m`` tokens, each
+    taken in that many parts (``m_blocks`` counts parts;
+    :func:`~numba_moe.cuda.mma.tile_head`).
     """
-    key = (qtype, gate_up, tile_m)
+    key = (qtype, gate_up, tile_m, part_shift)
     if key not in _cache:
-        _cache[key] = _make(qtype, gate_up, tile_m)
+        _cache[key] = _make(qtype, gate_up, tile_m, part_shift)
     return _cache[key]
 
 
@@ -240,7 +243,7 @@ def rescaled(tile_m: int, gate_up: bool) -> bool:
     return (2 if gate_up else 1) * tile_m // 8 * 4 >= 64
 
 
-def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
+def _source(q4: bool, tile_m: int, gate_up: bool, part_shift: int) -> str:
     """Python source of the kernel, its steps, token tiles and accumulators written out."""
     rs = rescaled(tile_m, gate_up)
     st = stage_steps(tile_m)
@@ -257,7 +260,7 @@ def _source(q4: bool, tile_m: int, gate_up: bool) -> str:
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast):""")
-    emit(tile_head(tile_m, gate_up, True))
+    emit(tile_head(tile_m, gate_up, True, part_shift))
     emit(f"""    n_stages = n_steps // {st}
     # two stage buffers: the next stage copies in (cp.async) while this one computes
     xs = cuda.shared.array({2 * tile_m * xsw}, uint32)""")
@@ -474,8 +477,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
     return "\n".join(lines) + "\n"
 
 
-def _make(qtype, gate_up: bool, tile_m: int):
-    src = _source(qtype == Q.Q4_K, tile_m, gate_up)
+def _make(qtype, gate_up: bool, tile_m: int, part_shift: int):
+    src = _source(qtype == Q.Q4_K, tile_m, gate_up, part_shift)
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32,
               load4=load4, shared_load4=shared_load4, half2_f32=half2_f32,
               pack_half2=pack_half2, mma_f16=mma_f16, mma_f16_k8=mma_f16_k8, silu=silu,
@@ -484,5 +487,6 @@ def _make(qtype, gate_up: bool, tile_m: int):
               _ONE2=_ONE2, _M1024=_M1024, _M1152=_M1152, _MAG8=_MAG8, _SIGN8=_SIGN8,
               _EVEN8=_EVEN8, _B1=_B1, hfma2=hfma2, prmt=prmt, _pick4=_pick4, cp_async16=cp_async16,
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
-    exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}>", "exec"), ns)
+    exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}"
+                      f" part_shift={part_shift}>", "exec"), ns)
     return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m, gate_up)))(ns["kernel"])

@@ -101,9 +101,11 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     act_bytes = ((num_pairs // top_k if gate_up else num_pairs) * w.cols
                  * (4 if uses_split(w, small) else 2))
     if uses_split(w, small):
-        kern = hmma_kernel(w.qtype, gate_up, tile_m)
+        # the down projection takes large plan blocks in parts
+        parts = 1 if gate_up else max(1, tile_m // CUDA_LAUNCH.hmma_down_tile_m)
+        kern = hmma_kernel(w.qtype, gate_up, tile_m // parts, parts.bit_length() - 1)
         threads, n_blocks = mma_layout(w.rows)
-        kern[m_blocks * n_blocks, threads, stream](
+        kern[m_blocks * parts * n_blocks, threads, stream](
             *w.planes, *vplanes, w.nb, w.cols // 16, w.rows, *codes, w.cols, num_pairs,
             top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
             row_blocks_fast(act_bytes))

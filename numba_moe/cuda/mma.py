@@ -98,10 +98,13 @@ def row_blocks_fast(act_bytes: int) -> bool:
     return act_bytes > CUDA_LAUNCH.row_fast_bytes
 
 
-def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
+def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0) -> str:
     """Opening lines of a tensor-core kernel body (this one's and :mod:`.hmma`'s).
 
-    The block's expert ``e`` (the block exits past the padded run), lane
+    The block's expert ``e`` (the block exits past the padded run; with
+    ``part_shift`` > 0 token block ``mb`` is part ``mb % 2**part_shift`` of
+    the plan's block ``mb >> part_shift``, and exits when it holds only
+    padding, which ends each expert's run), lane
     ``(g, i)``, each of its ``tile_m`` tokens' input row ``xrow_s`` and output
     row ``orow_s`` (-1: padding) in shared memory (with ``scales`` also the
     input row's ``xsc`` entry, ``xsc_s``), and the warp's weight rows ``r0``,
@@ -121,8 +124,11 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool) -> str:
         rb = cuda.blockIdx.x // nmb
         mb = cuda.blockIdx.x - rb * nmb
     if mb * {tile_m} >= meta[1]:
+        return""" + (f"""
+    if sorted_ids[mb * {tile_m}] >= num_pairs:
         return
-    e = block_expert[mb]
+    e = block_expert[mb >> {part_shift}]""" if part_shift else """
+    e = block_expert[mb]""") + f"""
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     lane = tid & 31

@@ -15,14 +15,14 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import cuda, float32, float64, int32, types
+from numba import cuda, float32, float64, int32, int64, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_argmax", "warp_sync", "load4", "load2", "load1", "store4", "shared_load4",
-           "as_f32", "half2_f32", "dp4a", "mma_s8_k32", "mma_f16", "mma_f16_k8", "hfma2", "prmt",
-           "pack_half2", "cp_async16", "cp_async_commit", "cp_async_wait1", "pair_max",
-           "silu", "block_exclusive_scan", "next_pow2"]
+           "warp_max_i64", "warp_argmax", "warp_sync", "load4", "load2", "load1", "store4",
+           "shared_load4", "as_f32", "f32_bits", "half2_f32", "dp4a", "mma_s8_k32", "mma_f16",
+           "mma_f16_k8", "hfma2", "prmt", "pack_half2", "cp_async16", "cp_async_commit",
+           "cp_async_wait1", "pair_max", "silu", "block_exclusive_scan", "next_pow2"]
 
 #: True when numba.cuda is the simulator (decided by numba at its import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
@@ -192,6 +192,18 @@ if not SIMULATOR:
             return builder.bitcast(v, ir.FloatType())
 
         return types.float32(u), codegen
+
+    @intrinsic
+    def f32_bits(typingctx, v):
+        """The bits of the float32 ``v`` as an int32 (a register move)."""
+        if not isinstance(v, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x = context.cast(builder, args[0], sig.args[0], types.float32)
+            return builder.bitcast(x, ir.IntType(32))
+
+        return types.int32(v), codegen
 
     @intrinsic
     def half2_f32(typingctx, u):
@@ -421,6 +433,15 @@ if not SIMULATOR:
         return v
 
     @device_inline
+    def warp_max_i64(v):
+        """int64 maximum over the warp, in every lane."""
+        for off in (16, 8, 4, 2, 1):
+            o = cuda.shfl_xor_sync(_FULL, v, off)
+            if o > v:
+                v = o
+        return v
+
+    @device_inline
     def warp_argmax(v, i):
         """``(v, i)`` of the lane with the largest ``v``, ties to the lower
         ``i``; in every lane.  ``v`` must be NaN-free."""
@@ -589,6 +610,9 @@ else:
     def as_f32(u):
         return np.uint32(u).view(np.float32)
 
+    def f32_bits(v):
+        return int(np.float32(v).view(np.int32))
+
     def half2_f32(u):
         lo, hi = np.array([u], np.uint32).view(np.float16)
         return np.float32(lo), np.float32(hi)
@@ -600,6 +624,8 @@ else:
         # one allocation line per dtype: the simulator keys static shared arrays by line
         if dtype == float64:
             buf = cuda.shared.array(_MAX_THREADS, float64)
+        elif dtype == int64:
+            buf = cuda.shared.array(_MAX_THREADS, int64)
         elif dtype == int32:
             buf = cuda.shared.array(_MAX_THREADS, int32)
         else:
@@ -637,6 +663,16 @@ else:
     @cuda.jit(device=True)
     def warp_max64(v):
         vals = _block_values(v, float64)
+        base = cuda.threadIdx.x // 32 * 32
+        m = vals[base]
+        for k in range(1, 32):
+            if vals[base + k] > m:
+                m = vals[base + k]
+        return m
+
+    @cuda.jit(device=True)
+    def warp_max_i64(v):
+        vals = _block_values(v, int64)
         base = cuda.threadIdx.x // 32 * 32
         m = vals[base]
         for k in range(1, 32):

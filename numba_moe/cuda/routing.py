@@ -5,9 +5,10 @@ same way: exponentials and sums in float64, each probability rounded to
 float32 once, NaN selection scores compare as ``-inf``, ties go to the lower
 expert index, and every id is valid even when all scores are ``-inf``/NaN.
 
-One warp routes one token.  Its probabilities and selection scores live in
-shared memory (``2 * E + n_group`` floats a warp), so any E fits that the
-shared memory does; K <= 32 because lane k keeps the k-th pick.
+One warp routes one token.  Its exponentials (then selection keys),
+probabilities and selection scores live in shared memory (``4 * E +
+n_group`` words a warp, :func:`warp_words`), so any E fits that the shared
+memory does; K <= 32 because lane k keeps the k-th pick.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from numba import cuda, float32, float64, int32, int64
 
 from ..errors import MoEError
 from ..routing import GATINGS, RouterOutput, _check_params
-from .primitives import warp_argmax, warp_max64, warp_sum64, warp_sync
+from .primitives import f32_bits, warp_argmax, warp_max64, warp_max_i64, warp_sum64, warp_sync
 
-__all__ = ["topk_route", "launch_topk", "route_token", "MAX_TOP_K"]
+__all__ = ["topk_route", "launch_topk", "warp_words", "route_token", "MAX_TOP_K"]
 
 #: Largest K the device router supports (one lane per pick).
 MAX_TOP_K = 32
@@ -30,41 +31,83 @@ _SOFTMAX_WEIGHT = GATINGS["softmax_weight"]
 _NEG_INF = float32(-np.inf)
 
 
+# the selection key of an expert already picked: below every score's key
+_PICKED = int64(-(2**63))
+
+
+def warp_words(n_exp: int, n_group: int) -> int:
+    """float32 words of one warp's shared scratch in :func:`route_token` (even:
+    its first half holds 8-byte words)."""
+    n = 4 * n_exp + n_group
+    return n + (n & 1)
+
+
 @cuda.jit(device=True)
-def route_token(logits, row, lane, sh, base, n_exp, top_k, gating, norm, bias, has_bias,
-                n_group, topk_group, scale):
+def _select_key(v, e):
+    """Expert ``e`` with selection score ``v`` as one int64 that orders as the
+    CPU's pick order: higher score first, ties to the lower id, NaN as
+    ``-inf`` (and -0 as 0, which compare equal).
+
+    High half: the float's bits made to order as signed integers (negative
+    floats have their magnitude bits flipped); low half: ``2**32 - 1 - e``.
+    """
+    if v != v:
+        v = _NEG_INF
+    if v == 0:
+        v = float32(0)
+    b = int64(f32_bits(v))
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return (b << 32) | (0xFFFFFFFF - int64(e))
+
+
+@cuda.jit(device=True)
+def route_token(logits, row, lane, sh, sh64, skey, base, n_exp, top_k, gating, norm, bias,
+                has_bias, n_group, topk_group, scale):
     """Route the token whose logits start at ``logits[row]``, by one warp.
 
-    ``sh[base : base + 2 * n_exp + n_group]`` is this warp's float32 shared
-    scratch.  Returns ``(id, weight)`` of pick ``lane`` (meaningful for
-    ``lane < top_k``).  Every lane of the warp must call it (warp
-    reductions), and the caller syncs the warp before reusing the scratch.
-    """
-    probs = base
-    sel = base + n_exp
-    gsc = base + 2 * n_exp
+    ``sh[base : base + warp_words(n_exp, n_group)]`` is this warp's shared
+    scratch (``base`` even), ``sh64`` and ``skey`` the same memory as float64
+    and int64: the exponentials of the softmax, then the selection keys
+    (:func:`_select_key`) in its first ``2 * n_exp`` words, the
+    probabilities, the selection scores and the group scores after them.
+    Returns ``(id, weight)`` of pick ``lane`` (meaningful for ``lane <
+    top_k``).  Every lane of the warp must call it (warp reductions), and
+    the caller syncs the warp before reusing the scratch.
 
+    Lane ``l`` owns experts ``l, l + 32, ...``: their exponentials and keys
+    are its own, and it keeps the largest key of its unpicked experts, so a
+    pick is one warp maximum of the keys and a rescan by the lane that owned
+    the winner.
+    """
+    wide = base >> 1
+    probs = base + 2 * n_exp
+    sel = base + 3 * n_exp
+    gsc = base + 4 * n_exp
+
+    s = float64(1)
     if gating == _SOFTMAX:
-        m = float64(-np.inf)
+        m = _NEG_INF
         for e in range(lane, n_exp, 32):
             v = logits[row + e]
             if v > m:
-                m = float64(v)
-        m = warp_max64(m)
+                m = v
+        m64 = warp_max64(float64(m))
         s = float64(0)
         for e in range(lane, n_exp, 32):
-            s += math.exp(float64(logits[row + e]) - m)
+            ex = math.exp(float64(logits[row + e]) - m64)
+            sh64[wide + e] = ex
+            s += ex
         s = warp_sum64(s)
-        for e in range(lane, n_exp, 32):
-            sh[probs + e] = float32(math.exp(float64(logits[row + e]) - m) / s)
-    elif gating == _SIGMOID:
-        for e in range(lane, n_exp, 32):
-            sh[probs + e] = float32(1.0 / (1.0 + math.exp(-float64(logits[row + e]))))
-    else:
-        for e in range(lane, n_exp, 32):
-            sh[probs + e] = logits[row + e]
     for e in range(lane, n_exp, 32):
-        v = sh[probs + e] + bias[e] if has_bias else sh[probs + e]
+        if gating == _SOFTMAX:
+            p = float32(sh64[wide + e] / s)
+        elif gating == _SIGMOID:
+            p = float32(1.0 / (1.0 + math.exp(-float64(logits[row + e]))))
+        else:
+            p = logits[row + e]
+        sh[probs + e] = p
+        v = p + bias[e] if has_bias else p
         sh[sel + e] = v if v == v else _NEG_INF
     warp_sync()
 
@@ -103,23 +146,21 @@ def route_token(logits, row, lane, sh, base, n_exp, top_k, gating, norm, bias, h
                 sh[sel + e] = _NEG_INF
         warp_sync()
 
+    best = _PICKED
+    for e in range(lane, n_exp, 32):
+        k = _select_key(sh[sel + e], e)
+        skey[wide + e] = k
+        best = max(best, k)
     my_id = int32(0)
     for k in range(top_k):
-        bv = _NEG_INF
-        bi = int32(n_exp)
-        for e in range(lane, n_exp, 32):
-            v = sh[sel + e]
-            # NaN marks an expert already picked
-            if v == v and (bi == n_exp or v > bv):
-                bv = v
-                bi = int32(e)
-        bv, bi = warp_argmax(bv, bi)
+        won = int32(0xFFFFFFFF - (warp_max_i64(best) & 0xFFFFFFFF))
         if lane == k:
-            my_id = bi
-        warp_sync()
-        if lane == 0:
-            sh[sel + bi] = np.nan
-        warp_sync()
+            my_id = won
+        if (won & 31) == lane:
+            skey[wide + won] = _PICKED
+            best = _PICKED
+            for e in range(lane, n_exp, 32):
+                best = max(best, skey[wide + e])
 
     mine = lane < top_k
     if gating == _SOFTMAX_WEIGHT:
@@ -192,13 +233,15 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
                  n_group, topk_group, scale, ids, weights, parts, part_stride):
     """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
 
-    Dynamic shared memory: ``warps * (2 * n_exp + n_group)`` float32.  Warps
-    past the last token route the last token again and write nothing, so
-    every lane reaches every reduction.  With ``parts > 1`` the logits come
-    as that many partial planes ``part_stride`` apart: the token's warp first
-    adds them, in order, into the first.
+    Dynamic shared memory: ``warps * warp_words(n_exp, n_group)`` float32.
+    Warps past the last token route the last token again and write nothing,
+    so every lane reaches every reduction.  With ``parts > 1`` the logits
+    come as that many partial planes ``part_stride`` apart: the token's warp
+    first adds them, in order, into the first.
     """
     sh = cuda.shared.array(0, float32)
+    sh64 = cuda.shared.array(0, float64)
+    skey = cuda.shared.array(0, int64)
     tid = cuda.threadIdx.x
     lane = tid & 31
     warp = tid >> 5
@@ -210,7 +253,9 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
             _add_planes(logits, row, lane, lstride, parts, part_stride)
         # the lanes read each other's sums (syncwarp orders global memory too)
         warp_sync()
-    my_id, w = route_token(logits, row, lane, sh, warp * (2 * n_exp + n_group), n_exp, top_k,
+    words = 4 * n_exp + n_group
+    words += words & 1                      # warp_words(n_exp, n_group)
+    my_id, w = route_token(logits, row, lane, sh, sh64, skey, warp * words, n_exp, top_k,
                            gating, norm, bias, has_bias, n_group, topk_group, scale)
     if valid and lane < top_k:
         ids[t * top_k + lane] = my_id
@@ -236,7 +281,7 @@ def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, w
         Tokens per block.
     """
     top_k, norm, gating, bias, n_group, topk_group, scale = params
-    shared = warps * (2 * n_exp + n_group) * 4
+    shared = warps * warp_words(n_exp, n_group) * 4
     grid = -(-n_tok // warps)
     _topk_kernel[grid, 32 * warps, stream, shared](
         logits, lstride, n_tok, n_exp, top_k, gating, norm, bias_dev, bias.shape[0] > 0,
