@@ -134,6 +134,20 @@ def test_topk_rejects_bad_input():
         topk_route(np.zeros((2, 8), np.float64), 2)
     with pytest.raises(MoEError, match="top_k"):
         topk_route(np.zeros((2, 64), np.float32), 33)
+    # one token's scratch (4 words an expert) past 48 KiB of shared memory
+    with pytest.raises(MoEError, match="3100 experts"):
+        topk_route(np.ones((1, 3100), np.float32), 2)
+
+
+def test_topk_blocks_fit_shared_memory():
+    # many experts: fewer tokens a block, so the scratch stays within 48 KiB
+    from numba_moe.cuda.routing import block_warps, warp_words
+
+    assert block_warps(128, 1, 4) == 4
+    assert block_warps(1000, 1, 4) == 3
+    assert block_warps(2047, 8, 4) == 1
+    for e in (128, 1000, 2047):
+        assert block_warps(e, 1, 4) * 4 * warp_words(e, 1) <= 48 << 10
 
 
 # --------------------------------------------------------------------- plan

@@ -52,7 +52,7 @@ from .plan import (PAIRS_PER_THREAD, DevicePlan, check_plan_size, empty_plan, la
                    plan_capacity)
 from .primitives import SIMULATOR, next_pow2
 from .router import launch_router
-from .routing import MAX_TOP_K, launch_topk
+from .routing import MAX_TOP_K, check_experts, launch_topk
 from .weights import upload_dense, upload_gate_up, upload_weights
 
 __all__ = ["CudaMoE", "upload", "moe_forward_cuda", "routed_tile"]
@@ -227,6 +227,7 @@ class CudaMoE:
         self.hidden, self.inter = layer.hidden_size, layer.expert_intermediate
         self.block_size = CUDA_LAUNCH.tile_m
         check_plan_size(k, e, self.block_size)
+        check_experts(e, layer.n_group)
         self.stream = cuda.stream()
         s = self.stream
         router = np.asarray(layer.router, dtype=np.float32)

@@ -21,7 +21,8 @@ from ..errors import MoEError
 from ..routing import GATINGS, RouterOutput, _check_params
 from .primitives import f32_bits, warp_argmax, warp_max64, warp_max_i64, warp_sum64, warp_sync
 
-__all__ = ["topk_route", "launch_topk", "warp_words", "route_token", "MAX_TOP_K"]
+__all__ = ["topk_route", "launch_topk", "warp_words", "block_warps", "check_experts",
+           "route_token", "MAX_TOP_K"]
 
 #: Largest K the device router supports (one lane per pick).
 MAX_TOP_K = 32
@@ -35,11 +36,31 @@ _NEG_INF = float32(-np.inf)
 _PICKED = int64(-(2**63))
 
 
+# dynamic shared memory a block may use without opting in to more
+_SHARED_LIMIT = 48 << 10
+
+
 def warp_words(n_exp: int, n_group: int) -> int:
     """float32 words of one warp's shared scratch in :func:`route_token` (even:
     its first half holds 8-byte words)."""
     n = 4 * n_exp + n_group
     return n + (n & 1)
+
+
+def block_warps(n_exp: int, n_group: int, warps: int) -> int:
+    """Tokens (warps) a block of the routing kernel takes: ``warps``, fewer
+    when their scratch would pass 48 KiB of shared memory (at least one; see
+    :func:`check_experts`)."""
+    return max(1, min(warps, _SHARED_LIMIT // (4 * warp_words(n_exp, n_group))))
+
+
+def check_experts(n_exp: int, n_group: int) -> None:
+    """Raise :class:`~numba_moe.errors.MoEError` when one token's routing
+    scratch does not fit 48 KiB of shared memory (above about 3000 experts)."""
+    need = 4 * warp_words(n_exp, n_group)
+    if need > _SHARED_LIMIT:
+        raise MoEError(f"{n_exp} experts: the CUDA routing kernel needs {need} bytes of "
+                       f"shared memory a token, more than {_SHARED_LIMIT}")
 
 
 @cuda.jit(device=True)
@@ -278,9 +299,10 @@ def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, w
     bias_dev : device float32 [E] (or [1] when there is no bias)
     ids, weights : device int32 / float32, flat ``[n_tok * K]``
     warps : int
-        Tokens per block.
+        Tokens per block (fewer for many experts: :func:`block_warps`).
     """
     top_k, norm, gating, bias, n_group, topk_group, scale = params
+    warps = block_warps(n_exp, n_group, warps)
     shared = warps * warp_words(n_exp, n_group) * 4
     grid = -(-n_tok // warps)
     _topk_kernel[grid, 32 * warps, stream, shared](
@@ -310,7 +332,8 @@ def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_b
     Raises
     ------
     MoEError
-        Bad dtype, shape or layout of ``logits``, or an option out of range.
+        Bad dtype, shape or layout of ``logits``, an option out of range, or
+        more experts than one token's scratch fits (:func:`check_experts`).
     """
     from ..config import CUDA_LAUNCH
     from .arrays import as_device_2d, check_out
@@ -321,6 +344,7 @@ def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_b
                            n_group, topk_group, scale)
     if params[0] > MAX_TOP_K:
         raise MoEError(f"top_k must be <= {MAX_TOP_K} on the CUDA path, got {params[0]}")
+    check_experts(n_exp, params[4])
     bias = params[3]
     bias_dev = cuda.to_device(bias if bias.shape[0] else np.zeros(1, np.float32), stream=stream)
     shape = (n_tok, params[0])
