@@ -218,12 +218,12 @@ class CudaLaunch:
         registers a thread).
     hmma_down_tile_m : int
         Largest token tile of the fp16 tensor-core kernel's down projection
-        (a power of two): it takes larger plan blocks in parts of this many
-        tokens, and a part holding only padding exits at once (H100,
-        Qwen3-30B-A3B layer, T=4096, 64-token plan: down phase at 64 / 32 /
-        16-token tiles 1589 / 1444 / 2058 us, whole forward 3396, 3385 /
-        3336, 3417 / 3860, 3950 in two passes; T=512, 32-token plan: 16-token
-        parts lose, 701 / 730 us).
+        (a multiple of 8): it takes plan blocks a power of two times larger
+        in parts of this many tokens, and a part holding only padding exits
+        at once (H100, Qwen3-30B-A3B layer, T=4096, 64-token plan: down phase
+        at 64 / 32 / 16-token tiles 1589 / 1444 / 2058 us, whole forward
+        3396, 3385 / 3336, 3417 / 3860, 3950 in two passes; T=512, 32-token
+        plan: 16-token parts lose, 701 / 730 us).
     row_fast_bytes : int
         Bytes of input rows above which a tiled tensor-core launch runs its
         row blocks fastest (:func:`numba_moe.cuda.mma.row_blocks_fast`):

@@ -460,6 +460,15 @@ def test_fp16_down_takes_plan_blocks_in_parts(monkeypatch):
     assert built == [(8, 1)]
 
 
+def test_down_parts_only_by_powers_of_two(monkeypatch):
+    from numba_moe.cuda.matmul import down_parts
+
+    monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", 16)
+    assert [down_parts(t) for t in (8, 16, 32, 48, 64)] == [1, 1, 2, 1, 4]
+    monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", 12)
+    assert down_parts(48) == 1
+
+
 @pytest.mark.parametrize("qtype,per_lane", [(Q.Q6_K, 1), (Q.Q6_K, 2), (Q.Q4_K, 2)],
                          ids=["Q6_K-16-lanes", "Q6_K-8-lanes", "Q4_K-8-lanes"])
 def test_gemv_two_register_sets(qtype, per_lane, monkeypatch):

@@ -19,7 +19,8 @@ from .primitives import SIMULATOR
 from .qgemv import qgemv_kernel
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
-__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes", "uses_split", "integer_kernels"]
+__all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes", "uses_split", "integer_kernels",
+           "down_parts"]
 
 
 def integer_kernels():
@@ -47,6 +48,15 @@ def uses_codes(w: DeviceWeights, small: bool) -> bool:
     (``small``) or the integer tensor-core kernel, where the device has them."""
     return (w.info.codes4 is not None and integer_kernels()[0 if small else 1]
             and not uses_split(w, small))
+
+
+def down_parts(tile_m: int) -> int:
+    """Parts the fp16 kernel's down projection takes a plan block of ``tile_m``
+    tokens in: ``tile_m / CUDA_LAUNCH.hmma_down_tile_m`` when that is a power
+    of two above 1 (each part a multiple of 8 tokens), else 1."""
+    d = CUDA_LAUNCH.hmma_down_tile_m
+    parts = tile_m // d if d >= 8 and d % 8 == 0 and tile_m % d == 0 else 1
+    return parts if parts & (parts - 1) == 0 else 1
 
 
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
@@ -101,8 +111,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     act_bytes = ((num_pairs // top_k if gate_up else num_pairs) * w.cols
                  * (4 if uses_split(w, small) else 2))
     if uses_split(w, small):
-        # the down projection takes large plan blocks in parts
-        parts = 1 if gate_up else max(1, tile_m // CUDA_LAUNCH.hmma_down_tile_m)
+        parts = 1 if gate_up else down_parts(tile_m)
         kern = hmma_kernel(w.qtype, gate_up, tile_m // parts, parts.bit_length() - 1)
         threads, n_blocks = mma_layout(w.rows)
         kern[m_blocks * parts * n_blocks, threads, stream](

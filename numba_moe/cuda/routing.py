@@ -34,8 +34,6 @@ _NEG_INF = float32(-np.inf)
 
 # the selection key of an expert already picked: below every score's key
 _PICKED = int64(-(2**63))
-
-
 # dynamic shared memory a block may use without opting in to more
 _SHARED_LIMIT = 48 << 10
 
