@@ -456,7 +456,7 @@ def test_fp16_down_takes_plan_blocks_in_parts(monkeypatch):
     built = []
     make = matmul.hmma_kernel
     monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
-    _check_gemm(Q.Q6_K, "tiled", False, 3, 80, 256, 13, 2, seed=12)
+    _check_gemm(Q.Q6_K, "tiled", False, 3, 16, 256, 13, 2, seed=12)
     assert built == [(8, 1)]
 
 
