@@ -60,7 +60,9 @@ T=4096 4063; session 7 (sub-block scales unpacked once a stage, one
 ``prmt`` a scale; Q6_K's ``A2`` against hi terms only) T=64 385 -> 351,
 T=512 795 -> 748, T=4096 4035 -> 3794; session 8 (weight words through
 ``load1``, without the wraparound of plain indexing) T=64 350 -> 338,
-T=512 722 -> 692, T=4096 3617 -> 3449.  Outputs within about 2e-7 of
+T=512 722 -> 692, T=4096 3617 -> 3449; session 9 (the down projection
+takes 64-token plan blocks in 32-token parts, ``part_shift``) T=4096 down
+phase 1589 -> 1444.  Outputs within about 2e-7 of
 float64 (Q4_K), 2e-6 (Q6_K).
 """
 from __future__ import annotations
