@@ -19,7 +19,7 @@ from numba import cuda, float32, float64, int32, int64, types
 from numba.cuda.core import config as _cuda_config
 
 __all__ = ["SIMULATOR", "device_inline", "kernel", "seg_sum", "warp_sum64", "warp_max64",
-           "warp_max_i64", "warp_argmax", "warp_sync", "load4", "load2", "load1", "store4",
+           "warp_argmax", "warp_sync", "load4", "load2", "load1", "store4",
            "shared_load4", "as_f32", "f32_bits", "half2_f32", "dp4a", "mma_s8_k32", "mma_f16",
            "mma_f16_k8", "hfma2", "prmt", "pack_half2", "cp_async16", "cp_async_commit",
            "cp_async_wait1", "pair_max", "silu", "block_exclusive_scan", "next_pow2"]
@@ -425,16 +425,7 @@ if not SIMULATOR:
 
     @device_inline
     def warp_max64(v):
-        """float64 maximum over the warp, in every lane (NaN-free input)."""
-        for off in (16, 8, 4, 2, 1):
-            o = cuda.shfl_xor_sync(_FULL, v, off)
-            if o > v:
-                v = o
-        return v
-
-    @device_inline
-    def warp_max_i64(v):
-        """int64 maximum over the warp, in every lane."""
+        """Maximum of a float64 (NaN-free) or an int64 over the warp, in every lane."""
         for off in (16, 8, 4, 2, 1):
             o = cuda.shfl_xor_sync(_FULL, v, off)
             if o > v:
@@ -662,17 +653,7 @@ else:
 
     @cuda.jit(device=True)
     def warp_max64(v):
-        vals = _block_values(v, float64)
-        base = cuda.threadIdx.x // 32 * 32
-        m = vals[base]
-        for k in range(1, 32):
-            if vals[base + k] > m:
-                m = vals[base + k]
-        return m
-
-    @cuda.jit(device=True)
-    def warp_max_i64(v):
-        vals = _block_values(v, int64)
+        vals = _block_values(v, float64 if isinstance(v, float) else int64)
         base = cuda.threadIdx.x // 32 * 32
         m = vals[base]
         for k in range(1, 32):

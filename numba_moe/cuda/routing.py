@@ -19,7 +19,7 @@ from numba import cuda, float32, float64, int32, int64
 
 from ..errors import MoEError
 from ..routing import GATINGS, RouterOutput, _check_params
-from .primitives import f32_bits, warp_argmax, warp_max64, warp_max_i64, warp_sum64, warp_sync
+from .primitives import f32_bits, warp_argmax, warp_max64, warp_sum64, warp_sync
 
 __all__ = ["topk_route", "launch_topk", "warp_words", "block_warps", "check_experts",
            "route_token", "MAX_TOP_K"]
@@ -63,15 +63,13 @@ def check_experts(n_exp: int, n_group: int) -> None:
 
 @cuda.jit(device=True)
 def _select_key(v, e):
-    """Expert ``e`` with selection score ``v`` as one int64 that orders as the
-    CPU's pick order: higher score first, ties to the lower id, NaN as
-    ``-inf`` (and -0 as 0, which compare equal).
+    """Expert ``e`` with selection score ``v`` (NaN-free: the scores hold NaN
+    as ``-inf``) as one int64 that orders as the CPU's pick order: higher
+    score first, ties to the lower id (-0 taken as 0, which compares equal).
 
     High half: the float's bits made to order as signed integers (negative
     floats have their magnitude bits flipped); low half: ``2**32 - 1 - e``.
     """
-    if v != v:
-        v = _NEG_INF
     if v == 0:
         v = float32(0)
     b = int64(f32_bits(v))
@@ -172,7 +170,7 @@ def route_token(logits, row, lane, sh, sh64, skey, base, n_exp, top_k, gating, n
         best = max(best, k)
     my_id = int32(0)
     for k in range(top_k):
-        won = int32(0xFFFFFFFF - (warp_max_i64(best) & 0xFFFFFFFF))
+        won = int32(0xFFFFFFFF - (warp_max64(best) & 0xFFFFFFFF))
         if lane == k:
             my_id = won
         if (won & 31) == lane:
