@@ -120,13 +120,37 @@ def test_forward_rejects_bad_input(make_model):
     layer = _layer(make_model, "qwen3moe", **ARCHS["qwen3moe"])
     bad = [(np.zeros((2, 64), np.float64), "dtype"), (np.zeros((2, 63), np.float32), "shape"),
            (np.zeros((0, 64), np.float32), "T >= 1"), (np.zeros((64, 2), np.float32).T, "contig"),
-           ([[0.0] * 64], "numpy array")]
+           ([[0.0] * 64], "numpy array"),
+           (cuda.to_device(np.ones((64, 2), np.float32)).T, "contig"),
+           (cuda.to_device(np.ones((2, 64), np.float64)), "dtype")]
     for x, what in bad:
         with pytest.raises(MoEError, match=what):
             layer(x, device="cuda")
     with pytest.raises(MoEError, match="out"):
         nm.cuda.moe_forward_cuda(layer, cuda.to_device(np.zeros((2, 64), np.float32)),
                                  out=cuda.device_array((3, 64), np.float32))
+
+
+def test_interface_arg_reads_layout_stream_and_mask():
+    # the forward reads device arrays from their __cuda_array_interface__
+    from numba_moe.cuda.arrays import interface_arg
+
+    def arg(**kw):
+        return interface_arg(dict(dict(shape=(3, 4), typestr="<f4", data=(4096, False),
+                                       version=3), **kw))
+
+    a = arg()
+    assert (a.ptr, a.shape, a.dtype, a.contiguous, a.stream) == (4096, (3, 4), np.float32,
+                                                                 True, None)
+    assert arg(strides=(16, 4)).contiguous and not arg(strides=(4, 12)).contiguous
+    assert not arg(strides=(32, 8)).contiguous
+    # a dimension of one element may carry any stride
+    assert arg(shape=(1, 4), strides=(999, 4)).contiguous
+    assert arg(shape=(3, 1), strides=(4, 8)).contiguous
+    assert arg(stream=7).stream == 7
+    assert arg(typestr=">f4").dtype != np.float32
+    with pytest.raises(MoEError, match="masked"):
+        arg(mask=(8192, False))
 
 
 def test_forward_rejects_batches_past_the_plan_limits(make_model, monkeypatch):
@@ -168,6 +192,31 @@ def test_forward_shared_expert_and_fused_gate_up(make_model):
                    fused_gate_up=True, **KQ)
     for t in (3, 3, 100, 100):
         _check_forward(layer, t, seed=t)
+
+
+@gpu_only
+@pytest.mark.cuda
+def test_forward_waits_for_the_producer_stream(make_model):
+    # x written on another stream (its interface names that stream): the
+    # layer's copy is ordered after it on the device; repeated calls of one
+    # T return the same output view
+    layer = _layer(make_model, "kq_q4", arch="qwen3moe", **KQ)
+    other = cuda.stream()
+    big = cuda.to_device(np.random.default_rng(5).standard_normal(1 << 24), stream=other)
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((64, 1024)).astype(np.float32)
+        d_x = cuda.device_array((64, 1024), np.float32, stream=other)
+        # a 128 MB device copy on `other` ahead of the one that fills d_x
+        big[:] = big[:]
+        d_x.copy_to_device(x, stream=other)
+        y = layer(d_x, device="cuda")
+        ref = moe_forward_float64(layer, x)
+        assert np.linalg.norm(y.copy_to_host() - ref) / np.linalg.norm(ref) < 1e-4
+    assert layer(d_x, device="cuda") is y
+    out = cuda.device_array((64, 1024), np.float32, stream=other)
+    out[:] = np.nan
+    assert nm.cuda.moe_forward_cuda(layer, d_x, out=out) is out
+    np.testing.assert_array_equal(out.copy_to_host(), y.copy_to_host())
 
 
 @gpu_only

@@ -43,7 +43,7 @@ from ..errors import MoEError
 from ..routing import _check_params
 from .actquant import launch_quantize, quantized_sizes
 from .actsplit import launch_split, split_sizes
-from .arrays import device_view, is_device_array
+from .arrays import Transfers, device_arg
 from .combine import SHARED_GATED, SHARED_NONE, SHARED_PLAIN, launch_combine
 from .graph import CapturedGraph
 from .gemm import tokens_per_pass
@@ -95,16 +95,21 @@ def moe_forward_cuda(layer, x, out=None):
     x : float32 [T, H], C-contiguous
         numpy (copied in, the result copied back to a new numpy array) or any
         ``__cuda_array_interface__`` array (numba, CuPy, torch), read on the
-        device (one device-to-device copy into the layer's input buffer).
+        device (one device-to-device copy into the layer's input buffer,
+        ordered after the work of the stream its interface names).
     out : __cuda_array_interface__ float32 [T, H], optional
         Device destination for a device ``x``.
+
+    The call returns when the result is complete (the host waits for the
+    layer's stream).
 
     Returns
     -------
     numpy.ndarray or numba DeviceNDArray, float32 [T, H]
         numpy for numpy ``x``.  For a device ``x``: ``out`` if given, else a
-        view of the layer's own output buffer, valid until the next call on
-        this layer (copy it to keep it).
+        view of the layer's own output buffer (the same object for every call
+        of T tokens), valid until the next call on this layer (copy it to keep
+        it).
 
     Raises
     ------
@@ -180,6 +185,8 @@ class _Buffers:
         self.cap = cap
         self.x = f32(cap * h)
         self.out = f32(cap * h)
+        # [T, H] views of out returned to device callers, made once per T
+        self.out_views = {}
         self.logits = f32(st.logits_size(cap))
         self.ids = cuda.device_array(p, np.int32, stream=stream)
         self.weights = f32(p)
@@ -229,6 +236,7 @@ class CudaMoE:
         check_plan_size(k, e, self.block_size)
         check_experts(e, layer.n_group)
         self.stream = cuda.stream()
+        self.transfers = Transfers(self.stream)
         s = self.stream
         router = np.asarray(layer.router, dtype=np.float32)
         sh = layer.shared
@@ -261,47 +269,50 @@ class CudaMoE:
     def forward(self, x, out=None):
         """See :func:`moe_forward_cuda`."""
         h = self.hidden
-        on_device = is_device_array(x)
-        if on_device:
-            x = device_view(x)
-        elif not isinstance(x, np.ndarray):
-            raise MoEError(f"x: expected a numpy array or a __cuda_array_interface__ array "
-                           f"(float32 [T, {h}]), got {type(x).__name__}")
-        if x.dtype != np.float32:
-            raise MoEError(f"x: expected dtype float32, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != h:
-            raise MoEError(f"x: expected shape [T, {h}], got {list(x.shape)}")
-        n_tok = x.shape[0]
+        arg = device_arg(x)
+        if arg is None:
+            if not isinstance(x, np.ndarray):
+                raise MoEError(f"x: expected a numpy array or a __cuda_array_interface__ array "
+                               f"(float32 [T, {h}]), got {type(x).__name__}")
+            shape, dtype, contiguous = x.shape, x.dtype, x.flags["C_CONTIGUOUS"]
+        else:
+            shape, dtype, contiguous = arg.shape, arg.dtype, arg.contiguous
+        if dtype != np.float32:
+            raise MoEError(f"x: expected dtype float32, got {dtype}")
+        if len(shape) != 2 or shape[1] != h:
+            raise MoEError(f"x: expected shape [T, {h}], got {list(shape)}")
+        n_tok = shape[0]
         if n_tok < 1:
             raise MoEError("x: expected at least one token (T >= 1), got T=0")
-        if not x.flags["C_CONTIGUOUS"]:
+        if not contiguous:
             raise MoEError("x: expected a C-contiguous array")
         check_plan_size(n_tok * self.top_k, self.num_experts, self.block_size)
-        out_view = None
+        nbytes = n_tok * h * 4
         if out is not None:
-            if not on_device:
+            if arg is None:
                 raise MoEError("out: only for a device x (a numpy x returns a new numpy array)")
-            out_view = device_view(out) if is_device_array(out) else None
-            if out_view is None or out_view.dtype != np.float32 \
-                    or tuple(out_view.shape) != (n_tok, h) or not out_view.flags["C_CONTIGUOUS"]:
+            dst = device_arg(out)
+            if dst is None or dst.dtype != np.float32 or dst.shape != (n_tok, h) \
+                    or not dst.contiguous:
                 raise MoEError(f"out: expected a C-contiguous float32 device array of shape "
                                f"[{n_tok}, {h}]")
+        io = self.transfers
         with self.lock:
+            io.bind_thread()
             buf = self._buffers_for(n_tok)
-            xin = buf.x[:n_tok * h]
             # into the layer's own buffer: the captured graphs read fixed addresses
-            xin.copy_to_device(x.reshape(n_tok * h), stream=self.stream)
+            io.put(buf.x, x if arg is None else arg, nbytes)
             self._run(n_tok)
-            res = buf.out[:n_tok * h].reshape(n_tok, h)
-            if not on_device:
-                host = res.copy_to_host(stream=self.stream)
-                self.stream.synchronize()
-                return host
+            if arg is None:
+                return io.get(buf.out, (n_tok, h), np.float32)
             if out is not None:
-                out_view.copy_to_device(res, stream=self.stream)
-                self.stream.synchronize()
+                io.give(dst, buf.out, nbytes)
+                io.synchronize()
                 return out
-            self.stream.synchronize()
+            res = buf.out_views.get(n_tok)
+            if res is None:
+                res = buf.out_views[n_tok] = buf.out[:nbytes // 4].reshape(n_tok, h)
+            io.synchronize()
             return res
 
     def _router_parts(self, n_tok: int) -> int:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["CapturedGraph"]
+__all__ = ["CapturedGraph", "check", "cu_stream"]
 
 
-def _check(res, what: str):
+def check(res, what: str):
+    """The result of a ``cuda.bindings.driver`` call; raise on an error status."""
     err = res[0]
     if int(err) != 0:
         raise RuntimeError(f"{what} failed: {err!r}")
     return res[1] if len(res) > 1 else None
 
 
-def _cu_stream(stream):
+def cu_stream(stream):
+    """The driver handle (``CUstream``) of a numba stream."""
     from cuda.bindings import driver
 
     h = stream.handle
@@ -44,19 +46,19 @@ class CapturedGraph:
         from cuda.bindings import driver
 
         self._driver = driver
-        self._hstream = _cu_stream(stream)
+        self._hstream = cu_stream(stream)
         mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
-        _check(driver.cuStreamBeginCapture(self._hstream, mode), "cuStreamBeginCapture")
+        check(driver.cuStreamBeginCapture(self._hstream, mode), "cuStreamBeginCapture")
         try:
             launch()
         finally:
-            graph = _check(driver.cuStreamEndCapture(self._hstream), "cuStreamEndCapture")
+            graph = check(driver.cuStreamEndCapture(self._hstream), "cuStreamEndCapture")
         self._graph = graph
-        self._exec = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        self._exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
 
     def replay(self) -> None:
         """Enqueue one replay on the capture stream."""
-        _check(self._driver.cuGraphLaunch(self._exec, self._hstream), "cuGraphLaunch")
+        check(self._driver.cuGraphLaunch(self._exec, self._hstream), "cuGraphLaunch")
 
     def __del__(self):
         driver = getattr(self, "_driver", None)
