@@ -166,6 +166,15 @@ class CudaLaunch:
         it that kernel beats the GEMV (H100, Qwen3-30B-A3B layer, whole
         forward, fp16 / GEMV: T=16 306 / 252 us, T=32 391 / 431, T=48 402 /
         545).
+    pair_slots_max_mean : float
+        Largest average number of tokens per expert (``T * K / E``) at which
+        the routed GEMVs take one slot per (token, expert) pair straight from
+        the routing's ids, with no plan kernel (an expert chosen by two
+        tokens is then read twice, the second time mostly from L2).  H100,
+        Qwen3-30B-A3B layer, whole forward with the plan / pair slots: T=1
+        45.4 / 39.1 us, T=2 64.2 / 57.7, T=4 89.4 / 79.1, T=8 135.8 / 122.1,
+        T=16 (one token an expert) 218.2 / 203.8; the GEMVs gain too (more
+        blocks: T=16 gate / up 101.7 / 96.6, down 76.7 / 72.2).
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
         the tiled kernel runs, its columns split (``router_split_blocks``).
@@ -240,6 +249,7 @@ class CudaLaunch:
     topk_warps: int = 4
     gemv_max_tokens: int = 16
     gemv_max_tokens_fp16: int = 1
+    pair_slots_max_mean: float = 1.0
     router_gemv_max_tokens: int = 16
     graphs: bool = True
     gemv_min_blocks: int = 2

@@ -57,6 +57,23 @@ def test_forward_matches_reference(make_model, name, kernel, monkeypatch):
     _check_forward(_layer(make_model, name, **ARCHS[name]), 3, seed=len(name))
 
 
+@pytest.mark.parametrize("by_pair", [True, False])
+@pytest.mark.parametrize("name", ["qwen3moe", "deepseek2"])
+def test_forward_gemv_slots_by_pair_or_plan(make_model, name, by_pair, monkeypatch):
+    # About one token an expert the GEMVs read the routing's ids as a plan
+    # of one slot per pair and the plan kernel does not run (7 tokens, K=2,
+    # 8 experts: some expert serves two tokens and is read twice); else the
+    # plan's slots, an expert's tokens together
+    import numba_moe.cuda.forward as forward
+
+    monkeypatch.setattr(CUDA_LAUNCH, "pair_slots_max_mean", 1e9 if by_pair else 0.0)
+    plans = []
+    launch = forward.launch_plan
+    monkeypatch.setattr(forward, "launch_plan", lambda *a: plans.append(1) or launch(*a))
+    _check_forward(_layer(make_model, name, **ARCHS[name]), 7, seed=7)
+    assert bool(plans) != by_pair
+
+
 def test_forward_kquants_tiled(make_model, monkeypatch):
     # Q4_K / Q6_K on the tiled path take the fp16 tensor-core kernel (its
     # simulator twin here), 256-wide rows

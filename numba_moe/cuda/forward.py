@@ -20,7 +20,10 @@ activation codes of :mod:`.actquant`, weights read once per pass of up to
 :data:`~numba_moe.cuda.gemm.MAX_TOKENS_PER_PASS` tokens of an expert);
 otherwise a tensor-core kernel: fp16 for Q4_K / Q6_K (:mod:`.hmma`,
 activations split by :mod:`.actsplit`), integer for Q5_K / Q8_0
-(:mod:`.mma`), with tiles sized by :func:`routed_tile`.
+(:mod:`.mma`), with tiles sized by :func:`routed_tile`.  At most
+``CUDA_LAUNCH.pair_slots_max_mean`` tokens per expert the routed GEMVs
+read the routing's ids as a plan of one slot per pair (``by_pair``) and the
+plan kernel does not run.
 Dense (float32) experts take the float GEMV and the SIMT tiled kernel of
 :mod:`.gemm` instead.  The router (dense, E rows) runs one block per row up
 to ``CUDA_LAUNCH.router_block_max_tokens`` tokens (:mod:`.router`), the
@@ -162,6 +165,16 @@ def _identity_plan(cap: int, block_size: int, stream) -> DevicePlan:
                       dev([1, _NO_LIMIT]), dev(ar[:n_sorted]), dev(np.zeros(n_blocks)))
 
 
+def _pair_plan(ids, num_pairs: int, top_k: int, stream) -> DevicePlan:
+    """The plan of one slot per pair, for the GEMVs' ``by_pair`` mode: slot
+    ``p`` holds pair ``p`` (token ``p // top_k``) with expert ``ids[p]``;
+    the fields those kernels do not read hold one element."""
+    ar = np.arange(num_pairs, dtype=np.int32)
+    dev = lambda a: cuda.to_device(a, stream=stream)  # noqa: E731
+    unused = dev(np.zeros(1, np.int32))
+    return DevicePlan(unused, dev(ar // top_k), dev(ar), ids, unused, unused, unused)
+
+
 class _Buffers:
     """Scratch for up to ``cap`` tokens (flat float32 / int32 device arrays)."""
 
@@ -191,6 +204,7 @@ class _Buffers:
         self.ids = cuda.device_array(p, np.int32, stream=stream)
         self.weights = f32(p)
         self.plan = empty_plan(p, e, st.block_size, stream)
+        self.pairs = _pair_plan(self.ids, p, k, stream)
         self.ident = _identity_plan(cap, st.block_size, stream)
         self.act = f32(p * i)
         self.rows = f32(p * h)
@@ -368,9 +382,13 @@ class CudaMoE:
         lim = CUDA_LAUNCH.gemv_max_tokens
         routed_lim = CUDA_LAUNCH.gemv_max_tokens_fp16 if uses_split(self.gate, False) else lim
         small = p <= routed_lim * e
+        # about one token an expert: the routing's ids serve as the plan
+        by_pair = small and p <= CUDA_LAUNCH.pair_slots_max_mean * e
+        plan_r = b.pairs if by_pair else b.plan
+        slots = p if by_pair else min(e, p)
         shared_small = n_tok <= lim
         router_small = n_tok <= CUDA_LAUNCH.router_gemv_max_tokens
-        nt = tokens_per_pass(p / e)
+        nt = 1 if by_pair else tokens_per_pass(p / e)
         # Two blocks share the passes of an expert when counts spread around a
         # mean above one token.  Not for passes of one token: the second
         # split's blocks start after every first split's, when the expert's
@@ -422,16 +440,18 @@ class CudaMoE:
                 launch_quantize(b.x, n_tok * self.hidden, *b.x_codes, s)
             if x_split:
                 launch_split(b.x, n_tok, self.hidden, *b.x_split, s)
-            self._gemm(self.gate, self.up, b.x, b.plan, min(e, p), m_blocks, p, k, b.act, small,
-                       routed_splits, nt, act_of(self.gate, small, b.x_codes, b.x_split), bs)
+            self._gemm(self.gate, self.up, b.x, plan_r, slots, m_blocks, p, k, b.act, small,
+                       routed_splits, nt, act_of(self.gate, small, b.x_codes, b.x_split), bs,
+                       by_pair=by_pair)
 
         def gemm2():
             if uses_codes(self.down, small):
                 launch_quantize(b.act, p * self.inter, *b.act_codes, s)
             if uses_split(self.down, small):
                 launch_split(b.act, p, self.inter, *b.act_split, s)
-            self._gemm(self.down, None, b.act, b.plan, min(e, p), m_blocks, p, k, b.rows, small,
-                       routed_splits, nt, act_of(self.down, small, b.act_codes, b.act_split), bs)
+            self._gemm(self.down, None, b.act, plan_r, slots, m_blocks, p, k, b.rows, small,
+                       routed_splits, nt, act_of(self.down, small, b.act_codes, b.act_split), bs,
+                       by_pair=by_pair)
 
         def shared():
             sg, su, sd = self.shared
@@ -446,19 +466,20 @@ class CudaMoE:
                                                             b.sh_act_split))
 
         def combine():
-            launch_combine(b.rows, b.plan.pairs_by_token, b.weights, n_tok, k, self.hidden,
+            launch_combine(b.rows, plan_r.pairs_by_token, b.weights, n_tok, k, self.hidden,
                            self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
                            CUDA_LAUNCH.threads, s)
 
-        out = [("router", router), ("route", topk), ("plan", plan), ("gemm1", gemm1),
-               ("gemm2", gemm2)]
+        out = [("router", router), ("route", topk)] + ([] if by_pair else [("plan", plan)])
+        out += [("gemm1", gemm1), ("gemm2", gemm2)]
         if self.shared is not None:
             out.append(("shared", shared))
         return out + [("combine", combine)]
 
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
               num_pairs: int, top_k: int, out, small: bool, splits: int = 1,
-              nt: int = 1, codes=None, tile_m: int = None, k_splits: int = 1) -> None:
+              nt: int = 1, codes=None, tile_m: int = None, k_splits: int = 1,
+              by_pair: bool = False) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
                            small, self.stream, splits, nt, codes, tile_m or self.block_size,
-                           k_splits)
+                           k_splits, by_pair)

@@ -62,7 +62,7 @@ def tokens_per_pass(mean_tokens: float) -> int:
     return nt
 
 
-def gemv_kernel(qi: QInfo, gate_up: bool, nt: int):
+def gemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False):
     """The GEMV kernel for weights of type ``qi`` serving ``nt`` tokens a pass.
 
     Signature::
@@ -81,17 +81,20 @@ def gemv_kernel(qi: QInfo, gate_up: bool, nt: int):
     ``active[j]`` the j-th expert with pairs and ``meta[0]`` their count;
     ``offsets`` [E+1] slot ranges (clamped to ``num_slots``); ``out``
     float32 flat ``[slots, rows]``; at most :data:`GEMV_MAX_THREADS`
-    threads a block.
+    threads a block.  ``by_pair`` (``nt`` = 1): slots are pairs, block ``j``
+    serves slot ``j`` alone with expert ``active[j]`` (``active`` the
+    routing's ids; ``meta``, ``offsets`` unused), see :func:`gemv_head`.
     """
     from ..config import CUDA_LAUNCH
 
-    key = ("gemv", qi.qtype, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
+    key = ("gemv", qi.qtype, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks, by_pair)
     if key not in _cache:
-        _cache[key] = _make_gemv(qi, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks)
+        _cache[key] = _make_gemv(qi, gate_up, nt, CUDA_LAUNCH.gemv_min_blocks, by_pair)
     return _cache[key]
 
 
-def _gemv_source(nseg: int, seglen: int, gate_up: bool, nt: int, has_offset: bool) -> str:
+def _gemv_source(nseg: int, seglen: int, gate_up: bool, nt: int, has_offset: bool,
+                 by_pair: bool) -> str:
     """Python source of the GEMV kernel, its loops over segments, 4-value
     groups and tokens written out.
 
@@ -113,7 +116,7 @@ def _gemv_source(nseg: int, seglen: int, gate_up: bool, nt: int, has_offset: boo
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile_chunks,
            x, num_slots, active, meta, offsets, packed, out):""")
-    emit(gemv_head(gate_up))
+    emit(gemv_head(gate_up, by_pair))
     emit(f"""    cols = n_chunks * 32
     xs = cuda.shared.array(0, float32)
     xrow = cuda.shared.array({nt}, int64)
@@ -182,17 +185,30 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw, lsegw, tile
     return "\n".join(lines) + "\n"
 
 
-def gemv_head(gate_up: bool) -> str:
+def gemv_head(gate_up: bool, by_pair: bool = False) -> str:
     """Opening lines of a GEMV kernel body (this one and :mod:`.qgemv`'s):
     the block's expert ``e`` and slot range ``start:end`` (exit when the
     block has no expert), lane ``lis`` of its row group, the group's output
-    row ``r0`` and the global weight rows ``row0``, ``row1`` it reads."""
-    return f"""    j = cuda.blockIdx.x
+    row ``r0`` and the global weight rows ``row0``, ``row1`` it reads.
+
+    ``by_pair``: block ``j`` serves slot ``j`` (pair ``j`` of the routing)
+    with expert ``active[j]``: the routing's ids stand for a plan when
+    experts hold about one token each, and the plan kernel is skipped."""
+    if by_pair:
+        head = """    j = cuda.blockIdx.x
+    if j >= num_slots:
+        return
+    e = active[j]
+    start = j
+    end = j + 1"""
+    else:
+        head = """    j = cuda.blockIdx.x
     if j >= meta[0]:
         return
     e = active[j]
     start = offsets[e]
-    end = min(offsets[e + 1], num_slots)
+    end = min(offsets[e + 1], num_slots)"""
+    return head + f"""
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     lane = tid & 31
@@ -223,12 +239,13 @@ def gemv_store(nt: int, gate_up: bool) -> str:
     return "\n".join(lines)
 
 
-def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
-    src = _gemv_source(qi.nseg, qi.seglen, gate_up, nt, qi.has_offset)
+def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool):
+    src = _gemv_source(qi.nseg, qi.seglen, gate_up, nt, qi.has_offset, by_pair)
     ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, fetch=qi.fetch,
               affine=qi.affine, values4=qi.values4, seg_col=qi.seg_col, load4=load4,
               shared_load4=shared_load4, seg_sum=seg_sum, silu=silu)
-    exec(compile(src, f"<gemv {qi.qtype.name} gate_up={gate_up} nt={nt}>", "exec"), ns)
+    exec(compile(src, f"<gemv {qi.qtype.name} gate_up={gate_up} nt={nt} by_pair={by_pair}>",
+                 "exec"), ns)
     return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
 
 

@@ -62,7 +62,7 @@ def down_parts(tile_m: int) -> int:
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
                        stream, token_splits: int = 1, nt: int = 1, codes=None,
-                       tile_m: int = None, k_splits: int = 1) -> None:
+                       tile_m: int = None, k_splits: int = 1, by_pair: bool = False) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -97,6 +97,9 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
         SIMT tiled kernel, plain mode: column ranges summed by separate
         blocks into planes ``out[z * P * rows ...]`` (``out`` that large),
         which the caller adds.
+    by_pair : bool
+        GEMV only (``nt`` = 1): a slot per pair, ``plan.active`` the
+        routing's ids (``expert_slots`` = P; :func:`~numba_moe.cuda.gemm.gemv_head`).
     """
     gate_up = v is not None
     tile_m = tile_m or CUDA_LAUNCH.tile_m
@@ -119,7 +122,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
             row_blocks_fast(act_bytes))
     elif codes_path and small:
-        kern = qgemv_kernel(w.info, gate_up, nt)
+        kern = qgemv_kernel(w.info, gate_up, nt, by_pair)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, *codes, num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
@@ -131,7 +134,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
             row_blocks_fast(act_bytes))
     elif small:
-        kern = gemv_kernel(w.info, gate_up, nt)
+        kern = gemv_kernel(w.info, gate_up, nt, by_pair)
         kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream, shared](
             *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, segw.bit_length() - 1, tile, x,
             num_pairs,

@@ -43,7 +43,7 @@ __all__ = ["qgemv_kernel", "min_blocks"]
 _cache = {}
 
 
-def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int):
+def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False):
     """The integer GEMV kernel for quantized weights of type ``qi`` (``qi.codes4``
     set), ``nt`` tokens a pass.
 
@@ -57,11 +57,11 @@ def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int):
     ``row_blocks`` from :func:`~numba_moe.cuda.gemm.gemv_layout`), with the
     activations as ``xq`` uint32 / ``xa`` float32 of
     :mod:`numba_moe.cuda.actquant` (rows of ``n_chunks * 32`` values) in
-    place of ``x``; no shared memory.
+    place of ``x``; no shared memory; ``by_pair`` as there.
     """
-    key = (qi.qtype, gate_up, nt, min_blocks(gate_up, nt))
+    key = (qi.qtype, gate_up, nt, min_blocks(gate_up, nt), by_pair)
     if key not in _cache:
-        _cache[key] = _make(qi, gate_up, nt, key[-1])
+        _cache[key] = _make(qi, gate_up, nt, key[-2], by_pair)
     return _cache[key]
 
 
@@ -77,7 +77,7 @@ def min_blocks(gate_up: bool, nt: int) -> int:
 
 
 def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
-            has_offset: bool) -> str:
+            has_offset: bool, by_pair: bool) -> str:
     """Python source of the kernel, its segment / word / token loops written
     out (as in :func:`numba_moe.cuda.gemm._gemv_source`: rolled, LLVM keeps
     the decoders' word choices as run-time selects)."""
@@ -90,7 +90,7 @@ def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
            xq, xa, num_slots, active, meta, offsets, packed, out):""")
-    emit(gemv_head(gate_up))
+    emit(gemv_head(gate_up, by_pair))
     emit(f"""    groups = n_chunks * 2
     ab = cuda.local.array(16, float32)
     for pa in range(start + cuda.blockIdx.z * {nt}, end, {nt} * cuda.gridDim.z):""")
@@ -168,10 +168,11 @@ def _body(emit, ind, nseg, words, load, toks, center, has_offset):
                 emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
 
 
-def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int):
-    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset)
+def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool):
+    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset, by_pair)
     ns = dict(cuda=cuda, float32=float32, int64=int64, fetch=qi.fetch, affine=qi.affine,
               codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2, dp4a=dp4a,
               seg_sum=seg_sum, silu=silu)
-    exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt}>", "exec"), ns)
+    exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt} by_pair={by_pair}>",
+                 "exec"), ns)
     return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
