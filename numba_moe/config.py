@@ -175,6 +175,12 @@ class CudaLaunch:
         45.4 / 39.1 us, T=2 64.2 / 57.7, T=4 89.4 / 79.1, T=8 135.8 / 122.1,
         T=16 (one token an expert) 218.2 / 203.8; the GEMVs gain too (more
         blocks: T=16 gate / up 101.7 / 96.6, down 76.7 / 72.2).
+    gemv_quantize_max_pairs : int
+        Most (token, expert) pairs for which the down GEMV by pair slot
+        quantizes its activation rows in each block (redundantly, a row per
+        block) instead of after a separate quantization launch.  H100,
+        Qwen3-30B-A3B layer, down phase separate / in the blocks: T=1 (8
+        pairs) 11.0 / 9.5 us, T=4 22.4 / 23.5, T=16 71.3 / 81.6.
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
         the tiled kernel runs, its columns split (``router_split_blocks``).
@@ -250,6 +256,7 @@ class CudaLaunch:
     gemv_max_tokens: int = 16
     gemv_max_tokens_fp16: int = 1
     pair_slots_max_mean: float = 1.0
+    gemv_quantize_max_pairs: int = 8
     router_gemv_max_tokens: int = 16
     graphs: bool = True
     gemv_min_blocks: int = 2

@@ -74,6 +74,27 @@ def test_forward_gemv_slots_by_pair_or_plan(make_model, name, by_pair, monkeypat
     assert bool(plans) != by_pair
 
 
+@pytest.mark.parametrize("in_block", [True, False])
+def test_forward_kquants_gemv_by_pair(make_model, in_block, monkeypatch):
+    # Q4_K gate / up, Q6_K down on the integer GEMVs by pair slot (2 tokens,
+    # K=2, 4 experts); the down GEMV quantizes its rows in shared memory
+    # (reading Q6_K's 8-column segments as word pairs there), or reads the
+    # codes of a separate launch
+    import numba_moe.cuda.forward as forward
+
+    monkeypatch.setattr(CUDA_LAUNCH, "gemv_quantize_max_pairs", 8 if in_block else 0)
+    quantized = []
+    launch = forward.launch_quantize
+    monkeypatch.setattr(forward, "launch_quantize",
+                        lambda *a: quantized.append(a[1]) or launch(*a))
+    layer = _layer(make_model, "kq_gemv", arch="qwen3moe", hidden_size=256,
+                   expert_intermediate=256, num_experts=4, top_k=2,
+                   gate_type="Q4_K", up_type="Q4_K", down_type="Q6_K", init="random_blocks")
+    _check_forward(layer, 2, seed=10)
+    # the activations' codes: 4 pairs of 256 values, unless the GEMV makes them
+    assert quantized == ([] if in_block else [4 * 256])
+
+
 def test_forward_kquants_tiled(make_model, monkeypatch):
     # Q4_K / Q6_K on the tiled path take the fp16 tensor-core kernel (its
     # simulator twin here), 256-wide rows
@@ -214,24 +235,33 @@ def test_forward_shared_expert_and_fused_gate_up(make_model):
 @gpu_only
 @pytest.mark.cuda
 def test_forward_waits_for_the_producer_stream(make_model):
-    # x written on another stream (its interface names that stream): the
-    # layer's copy is ordered after it on the device; repeated calls of one
-    # T return the same output view
+    from numba import uint32
+
+    # x written by a kernel on another stream that first sleeps for a few
+    # milliseconds (x's interface names that stream): the layer's copy of x
+    # must wait for it on the device, else it reads the NaNs x held before
+    @cuda.jit
+    def late_copy(src, dst):
+        if cuda.threadIdx.x == 0:
+            for _ in range(4000):
+                cuda.nanosleep(uint32(1000))
+        cuda.syncthreads()
+        for i in range(cuda.grid(1), src.size, cuda.gridsize(1)):
+            dst[i] = src[i]
+
     layer = _layer(make_model, "kq_q4", arch="qwen3moe", **KQ)
     other = cuda.stream()
-    big = cuda.to_device(np.random.default_rng(5).standard_normal(1 << 24), stream=other)
     for seed in range(3):
         x = np.random.default_rng(seed).standard_normal((64, 1024)).astype(np.float32)
-        d_x = cuda.device_array((64, 1024), np.float32, stream=other)
-        # a 128 MB device copy on `other` ahead of the one that fills d_x
-        big[:] = big[:]
-        d_x.copy_to_device(x, stream=other)
+        d_src = cuda.to_device(x.reshape(-1))
+        d_x = cuda.to_device(np.full((64, 1024), np.nan, np.float32), stream=other)
+        other.synchronize()
+        late_copy[1, 256, other](d_src, d_x.reshape(-1))
         y = layer(d_x, device="cuda")
         ref = moe_forward_float64(layer, x)
         assert np.linalg.norm(y.copy_to_host() - ref) / np.linalg.norm(ref) < 1e-4
     assert layer(d_x, device="cuda") is y
-    out = cuda.device_array((64, 1024), np.float32, stream=other)
-    out[:] = np.nan
+    out = cuda.to_device(np.full((64, 1024), np.nan, np.float32), stream=other)
     assert nm.cuda.moe_forward_cuda(layer, d_x, out=out) is out
     np.testing.assert_array_equal(out.copy_to_host(), y.copy_to_host())
 

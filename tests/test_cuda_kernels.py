@@ -321,7 +321,8 @@ def _split_values(hx, xs):
 def test_activation_split_matches_reference():
     rng = np.random.default_rng(13)
     scale = np.array([1e-30, 1e-3, 1.0, 300.0, 3e30])[:, None]
-    # 5 rows: a block of 4 warps and one of a single row; 768 columns: 6 chunks of 128
+    # a block a row; 768 columns: 6 chunks of 128, so warps 0, 1 take two and
+    # warps 2, 3 one (their second round redoes the last chunk, storing nothing)
     x = (rng.standard_normal((5, 768)) * scale).astype(np.float32)
     hx, hs, xs = _split(x)
     hx_ref, sums_ref, xs_ref = split_reference(x)

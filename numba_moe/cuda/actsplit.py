@@ -43,7 +43,8 @@ __all__ = ["split_sizes", "launch_split", "split_reference", "TARGET_EXP"]
 
 #: ``max |x / s|`` lies in ``[2**TARGET_EXP, 2**(TARGET_EXP + 1))``.
 TARGET_EXP = 12
-# rows (one a warp) of a block
+# warps of a block (one row a block: a warp a row left the GPU idle at
+# T=64, 16 blocks for the 64 rows of x)
 _WARPS = 4
 
 
@@ -66,48 +67,60 @@ def _split4(v0, v1, v2, v3):
 
 @cuda.jit
 def _split_kernel(x, rows, cols, hx, hsum, xs):
-    """Warp ``w`` of block ``b`` splits row ``_WARPS * b + w`` (``cols`` values
-    of the flat ``x``); lane ``l`` takes columns ``128 c + 4 l .. + 3``."""
+    """Block ``b`` splits row ``b`` (``cols`` values of the flat ``x``): warp
+    ``w`` takes the 128-column chunks ``w, w + _WARPS, ...``, lane ``l``
+    columns ``128 c + 4 l .. + 3`` of chunk ``c``."""
     lane = cuda.threadIdx.x & 31
-    # a warp past the last row redoes the last one (the same words written
-    # twice): every warp runs the same reductions
-    row = min(cuda.blockIdx.x * _WARPS + (cuda.threadIdx.x >> 5), rows - 1)
+    warp = cuda.threadIdx.x >> 5
+    row = cuda.blockIdx.x
     base = int64(row) * cols
+    chunks = cols >> 7
     amax = float32(0)
-    for o in range(4 * lane, cols, 128):
-        v0, v1, v2, v3 = load4(x, base + o)
+    for c in range(warp, chunks, _WARPS):
+        v0, v1, v2, v3 = load4(x, base + 128 * c + 4 * lane)
         for v in (v0, v1, v2, v3):
             a = abs(v)
             # a NaN counts as an infinity: either way the row keeps s = 1
             if a != a:
                 a = math.inf
             amax = max(amax, a)
+    wmax = cuda.shared.array(_WARPS, float32)
     amax = float32(warp_max64(float64(amax)))
+    if lane == 0:
+        wmax[warp] = amax
+    cuda.syncthreads()
+    for w in range(_WARPS):
+        amax = max(amax, wmax[w])
     inv = float32(1)
     s = float32(1)
     if amax > 0 and amax < math.inf:
         e = max(-126, int32(math.floor(math.log2(float64(amax)))) - TARGET_EXP)
         s = as_f32(uint32((e + 127) << 23))
         inv = as_f32(uint32((127 - e) << 23))
-    if lane == 0:
+    if cuda.threadIdx.x == 0:
         xs[row] = s
     # hx word k of a row holds column k's value: the layout keeps a lane's four
     # columns in its own four words
-    for c in range(cols >> 7):
+    for c0 in range(0, chunks, _WARPS):
+        # every warp makes the same rounds (the simulator's sums are
+        # block-wide): past the last chunk it redoes it and stores nothing
+        live = c0 + warp < chunks
+        c = min(c0 + warp, chunks - 1)
         o = base + 128 * c + 4 * lane
         v0, v1, v2, v3 = load4(x, o)
         v0 *= inv
         v1 *= inv
         v2 *= inv
         v3 *= inv
-        store4(hx, o, *_split4(v0, v1, v2, v3))
+        if live:
+            store4(hx, o, *_split4(v0, v1, v2, v3))
         # 32-column sums S'[4c + j] (j = lane >> 3): half-warp 0 gets j = 0, 1,
         # half-warp 1 j = 2, 3, each in the pair of a block word
         q = (v0 + v1) + (v2 + v3)
         odd = (lane >> 3) & 1
         s0 = seg_sum(q if odd == 0 else float32(0), 16) * float32(1 / 32)
         s1 = seg_sum(q if odd == 1 else float32(0), 16) * float32(1 / 32)
-        if lane & 15 == 0:
+        if live and lane & 15 == 0:
             w = pack_half2(s0, s1)
             h0, h1 = half2_f32(w)
             # block c >> 1, word pair 2 (c & 1) + (lane >> 4)
@@ -120,7 +133,8 @@ def launch_split(x, rows: int, cols: int, hx, hsum, xs, stream) -> None:
     """Enqueue the split of ``rows`` rows of ``cols`` values of the flat
     device float32 ``x`` into ``hx``, ``hsum``, ``xs`` (sizes from
     :func:`split_sizes`; no checks, no allocation)."""
-    _split_kernel[-(-rows // _WARPS), 32 * _WARPS, stream](x, rows, cols, hx, hsum, xs)
+    if rows:
+        _split_kernel[rows, 32 * _WARPS, stream](x, rows, cols, hx, hsum, xs)
 
 
 def split_reference(x: np.ndarray):

@@ -385,6 +385,9 @@ class CudaMoE:
         # about one token an expert: the routing's ids serve as the plan
         by_pair = small and p <= CUDA_LAUNCH.pair_slots_max_mean * e
         plan_r = b.pairs if by_pair else b.plan
+        # few pairs: the down GEMV's blocks quantize their rows themselves
+        quantize_in = by_pair and uses_codes(self.down, True) \
+            and p <= CUDA_LAUNCH.gemv_quantize_max_pairs
         slots = p if by_pair else min(e, p)
         shared_small = n_tok <= lim
         router_small = n_tok <= CUDA_LAUNCH.router_gemv_max_tokens
@@ -445,13 +448,13 @@ class CudaMoE:
                        by_pair=by_pair)
 
         def gemm2():
-            if uses_codes(self.down, small):
+            if uses_codes(self.down, small) and not quantize_in:
                 launch_quantize(b.act, p * self.inter, *b.act_codes, s)
             if uses_split(self.down, small):
                 launch_split(b.act, p, self.inter, *b.act_split, s)
             self._gemm(self.down, None, b.act, plan_r, slots, m_blocks, p, k, b.rows, small,
                        routed_splits, nt, act_of(self.down, small, b.act_codes, b.act_split), bs,
-                       by_pair=by_pair)
+                       by_pair=by_pair, quantize=quantize_in)
 
         def shared():
             sg, su, sd = self.shared
@@ -479,7 +482,7 @@ class CudaMoE:
     def _gemm(self, w, v, x, plan: DevicePlan, expert_slots: int, m_blocks: int,
               num_pairs: int, top_k: int, out, small: bool, splits: int = 1,
               nt: int = 1, codes=None, tile_m: int = None, k_splits: int = 1,
-              by_pair: bool = False) -> None:
+              by_pair: bool = False, quantize: bool = False) -> None:
         launch_expert_gemm(w, v, x, plan, expert_slots, m_blocks, num_pairs, top_k, out,
                            small, self.stream, splits, nt, codes, tile_m or self.block_size,
-                           k_splits, by_pair)
+                           k_splits, by_pair, quantize)

@@ -17,6 +17,7 @@ from .mma import mma_kernel, mma_layout, row_blocks_fast
 from .plan import DevicePlan, plan_capacity, plan_device
 from .primitives import SIMULATOR
 from .qgemv import qgemv_kernel
+from .qgemv import shared_bytes as qgemv_shared_bytes
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
 __all__ = ["launch_expert_gemm", "expert_gemm", "uses_codes", "uses_split", "integer_kernels",
@@ -62,7 +63,8 @@ def down_parts(tile_m: int) -> int:
 def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: int,
                        m_blocks: int, num_pairs: int, top_k: int, out, small: bool,
                        stream, token_splits: int = 1, nt: int = 1, codes=None,
-                       tile_m: int = None, k_splits: int = 1, by_pair: bool = False) -> None:
+                       tile_m: int = None, k_splits: int = 1, by_pair: bool = False,
+                       quantize: bool = False) -> None:
     """Enqueue one grouped GEMM (no checks, no allocation).
 
     Parameters
@@ -100,6 +102,9 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     by_pair : bool
         GEMV only (``nt`` = 1): a slot per pair, ``plan.active`` the
         routing's ids (``expert_slots`` = P; :func:`~numba_moe.cuda.gemm.gemv_head`).
+    quantize : bool
+        ``by_pair``, plain mode, integer GEMV: the kernel reads ``x`` and
+        quantizes each row itself (``codes`` unused).
     """
     gate_up = v is not None
     tile_m = tile_m or CUDA_LAUNCH.tile_m
@@ -122,9 +127,11 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
             top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,
             row_blocks_fast(act_bytes))
     elif codes_path and small:
-        kern = qgemv_kernel(w.info, gate_up, nt, by_pair)
-        kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream](
-            *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, *codes, num_pairs,
+        kern = qgemv_kernel(w.info, gate_up, nt, by_pair, quantize)
+        xq, xa = (x, x) if quantize else codes
+        kern[(expert_slots, row_blocks, token_splits), 32 * warps, stream,
+             qgemv_shared_bytes(quantize, w.chunks)](
+            *w.planes, *vplanes, w.nb, w.chunks, w.rows, segw, xq, xa, num_pairs,
             plan.active, plan.meta, plan.offsets, plan.packed_token_idx, out)
     elif codes_path:
         kern = mma_kernel(w.info, gate_up, tile_m)

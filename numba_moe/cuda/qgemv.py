@@ -31,19 +31,21 @@ loaded before the current one is used, to keep loads in flight.
 """
 from __future__ import annotations
 
-from numba import cuda, float32, int64
+from numba import cuda, float32, int64, uint32
 
+from .actquant import quantize_groups
 from .decoders import QInfo
 from .gemm import GEMV_MAX_THREADS, gemv_head, gemv_store
-from .primitives import dp4a, load2, load4, seg_sum, silu
+from .primitives import device_inline, dp4a, load2, load4, seg_sum, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["qgemv_kernel", "min_blocks"]
+__all__ = ["qgemv_kernel", "min_blocks", "shared_bytes"]
 
 _cache = {}
 
 
-def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False):
+def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False,
+                 quantize: bool = False):
     """The integer GEMV kernel for quantized weights of type ``qi`` (``qi.codes4``
     set), ``nt`` tokens a pass.
 
@@ -57,12 +59,23 @@ def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False):
     ``row_blocks`` from :func:`~numba_moe.cuda.gemm.gemv_layout`), with the
     activations as ``xq`` uint32 / ``xa`` float32 of
     :mod:`numba_moe.cuda.actquant` (rows of ``n_chunks * 32`` values) in
-    place of ``x``; no shared memory; ``by_pair`` as there.
+    place of ``x``; ``by_pair`` as there; no shared memory.  ``quantize``
+    (``by_pair`` in plain mode): ``xq`` is the float32 rows ``x`` instead
+    (``xa`` unused) and each block quantizes its slot's row into ``n_chunks *
+    160`` bytes of dynamic shared memory (:func:`shared_bytes`), which saves
+    the quantization's launch between the two GEMVs of a decode step.
     """
-    key = (qi.qtype, gate_up, nt, min_blocks(gate_up, nt), by_pair)
+    assert not quantize or (by_pair and not gate_up)
+    key = (qi.qtype, gate_up, nt, min_blocks(gate_up, nt), by_pair, quantize)
     if key not in _cache:
-        _cache[key] = _make(qi, gate_up, nt, key[-2], by_pair)
+        _cache[key] = _make(qi, gate_up, nt, *key[3:])
     return _cache[key]
+
+
+def shared_bytes(quantize: bool, n_chunks: int) -> int:
+    """Dynamic shared memory of a launch: the codes of one row (8 words and
+    12 scales a 16-column group) where the blocks quantize their rows."""
+    return n_chunks * 2 * 20 * 4 if quantize else 0
 
 
 def min_blocks(gate_up: bool, nt: int) -> int:
@@ -77,12 +90,15 @@ def min_blocks(gate_up: bool, nt: int) -> int:
 
 
 def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
-            has_offset: bool, by_pair: bool) -> str:
+            has_offset: bool, by_pair: bool, quantize: bool) -> str:
     """Python source of the kernel, its segment / word / token loops written
     out (as in :func:`numba_moe.cuda.gemm._gemv_source`: rolled, LLVM keeps
     the decoders' word choices as run-time selects)."""
     words = seglen // 4
-    load = "load4" if words == 4 else "load2"
+    # quantize: xq holds float rows, quantized by each block into shared
+    # memory (the codes of the slot's row: sq words, sa2 scales)
+    loads = ("shared_load4", "load2s") if quantize else ("load4", "load2")
+    load = loads[0] if words == 4 else loads[1]
     toks = range(nt)
     lines = []
     emit = lines.append
@@ -91,12 +107,18 @@ def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
            xq, xa, num_slots, active, meta, offsets, packed, out):""")
     emit(gemv_head(gate_up, by_pair))
+    if quantize:
+        emit("""    sq = cuda.shared.array(0, uint32)
+    sa = cuda.shared.array(0, float32)
+    sa2 = sa[n_chunks * 16:]
+    xrow = xq[int64(j) * n_chunks * 32:int64(j + 1) * n_chunks * 32]""")
     emit(f"""    groups = n_chunks * 2
     ab = cuda.local.array(16, float32)
     for pa in range(start + cuda.blockIdx.z * {nt}, end, {nt} * cuda.gridDim.z):""")
     for t in toks:
         src = f"packed[min(pa + {t}, end - 1)]" if gate_up else f"min(pa + {t}, end - 1)"
-        emit(f"""        xg{t} = int64({src}) * groups
+        src = "int64(0)" if quantize else f"int64({src}) * groups"
+        emit(f"""        xg{t} = {src}
         g{t} = float32(0)
         u{t} = float32(0)""")
     # two register sets for the weights in flight, used in turn (the body
@@ -108,8 +130,12 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
     emit(f"""        c = lis
         cn = min(c, n_chunks - 1)
         A0 = fetch(wa, wb, wc, wd, row0, cn, nb)
-        A1 = fetch({second}, row1, cn, nb)
-        while c < n_chunks:""")
+        A1 = fetch({second}, row1, cn, nb)""")
+    if quantize:
+        # after the first weight loads: their latency overlaps the quantization
+        emit("""        quantize_groups(xrow, tid, nthreads, groups, sq, sa2)
+        cuda.syncthreads()""")
+    emit("""        while c < n_chunks:""")
     ind = " " * 12
     for k, cur in enumerate(sets):
         nxt = sets[(k + 1) % len(sets)]
@@ -126,13 +152,13 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
 {ind}raw1 = A1
 {ind}A0 = fetch(wa, wb, wc, wd, row0, cn, nb)
 {ind}A1 = fetch({second}, row1, cn, nb)""")
-        _body(emit, ind, nseg, words, load, toks, center, has_offset)
+        _body(emit, ind, nseg, words, load, toks, center, has_offset, quantize)
         emit(f"{ind}c += segw")
     emit(gemv_store(nt, gate_up))
     return "\n".join(lines) + "\n"
 
 
-def _body(emit, ind, nseg, words, load, toks, center, has_offset):
+def _body(emit, ind, nseg, words, load, toks, center, has_offset, quantize):
     """One chunk of the loop: the weight words ``raw0``, ``raw1`` of chunk
     ``c`` against each token of the pass."""
     emit(f"{ind}affine(raw0, c, ab, 0)\n{ind}affine(raw1, c, ab, 8)")
@@ -149,10 +175,11 @@ def _body(emit, ind, nseg, words, load, toks, center, has_offset):
             wo = base + (" + 2 * half" if words == 2 else "")
             hs = ", ".join(f"h{v}" for v in range(words))
             ls = ", ".join(f"l{v}" for v in range(words))
-            emit(f"{ind}{hs} = {load}(xq, {wo})")
-            emit(f"{ind}{ls} = {load}(xq, {wo} + 4)")
+            codes, scales = ("sq", "sa2") if quantize else ("xq", "xa")
+            emit(f"{ind}{hs} = {load}({codes}, {wo})")
+            emit(f"{ind}{ls} = {load}({codes}, {wo} + 4)")
             xa_at = f"(xg{t} + grp) * 12" + (" + 4 + 4 * half" if words == 2 else "")
-            emit(f"{ind}d, xs, xr, _ = load4(xa, {xa_at})")
+            emit(f"{ind}d, xs, xr, _ = {'shared_load4' if quantize else 'load4'}({scales}, {xa_at})")
             for acc, w in (("ag", "p"), ("au", "q")):
                 emit(f"{ind}{acc} = dp4a({w}0, h0, 0)")
                 for v in range(1, words):
@@ -168,11 +195,19 @@ def _body(emit, ind, nseg, words, load, toks, center, has_offset):
                 emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
 
 
-def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool):
-    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset, by_pair)
-    ns = dict(cuda=cuda, float32=float32, int64=int64, fetch=qi.fetch, affine=qi.affine,
-              codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2, dp4a=dp4a,
-              seg_sum=seg_sum, silu=silu)
-    exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt} by_pair={by_pair}>",
-                 "exec"), ns)
+@device_inline
+def _shared_load2(arr, i):
+    """``(arr[i], arr[i + 1])`` of a shared array."""
+    return arr[i], arr[i + 1]
+
+
+def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool, quantize: bool):
+    src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset, by_pair,
+                  quantize)
+    ns = dict(cuda=cuda, float32=float32, int64=int64, uint32=uint32, fetch=qi.fetch,
+              affine=qi.affine, codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2,
+              dp4a=dp4a, seg_sum=seg_sum, silu=silu, quantize_groups=quantize_groups,
+              shared_load4=shared_load4, load2s=_shared_load2)
+    exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt} by_pair={by_pair}"
+                      f" quantize={quantize}>", "exec"), ns)
     return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
