@@ -74,15 +74,19 @@ def test_forward_gemv_slots_by_pair_or_plan(make_model, name, by_pair, monkeypat
     assert bool(plans) != by_pair
 
 
-@pytest.mark.parametrize("in_block", [True, False])
-def test_forward_kquants_gemv_by_pair(make_model, in_block, monkeypatch):
+@pytest.mark.parametrize("in_block,fits", [(True, True), (False, True), (True, False)])
+def test_forward_kquants_gemv_by_pair(make_model, in_block, fits, monkeypatch):
     # Q4_K gate / up, Q6_K down on the integer GEMVs by pair slot (2 tokens,
     # K=2, 4 experts); the down GEMV quantizes its rows in shared memory
     # (reading Q6_K's 8-column segments as word pairs there), or reads the
-    # codes of a separate launch
+    # codes of a separate launch: when told to, or when a row's codes would
+    # not fit a block's shared memory
     import numba_moe.cuda.forward as forward
 
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_quantize_max_pairs", 8 if in_block else 0)
+    if not fits:
+        monkeypatch.setattr(forward, "quantize_fits", lambda n_chunks: False)
+        in_block = False
     quantized = []
     launch = forward.launch_quantize
     monkeypatch.setattr(forward, "launch_quantize",
@@ -94,6 +98,16 @@ def test_forward_kquants_gemv_by_pair(make_model, in_block, monkeypatch):
     # the activations' codes: 4 pairs of 256 values, unless the GEMV makes
     # them (on a GPU the first call runs eagerly, then captures a graph)
     assert set(quantized) == (set() if in_block else {4 * 256})
+
+
+def test_in_block_quantization_fits_shared_memory():
+    from numba_moe.cuda.qgemv import quantize_fits, shared_bytes
+
+    # 80 bytes of codes a 16-column group; a block gets 48 KiB
+    assert shared_bytes(True, 24) == 48 * 80 and shared_bytes(False, 24) == 0
+    assert quantize_fits(768 // 32) and quantize_fits(9824 // 32)
+    # Mixtral's down rows (14336 values)
+    assert not quantize_fits(9856 // 32) and not quantize_fits(14336 // 32)
 
 
 def test_forward_kquants_tiled(make_model, monkeypatch):

@@ -54,6 +54,7 @@ from .matmul import launch_expert_gemm, uses_codes, uses_split
 from .plan import (PAIRS_PER_THREAD, DevicePlan, check_plan_size, empty_plan, launch_plan,
                    plan_capacity)
 from .primitives import SIMULATOR, next_pow2
+from .qgemv import quantize_fits
 from .router import launch_router
 from .routing import MAX_TOP_K, check_experts, launch_topk
 from .weights import upload_dense, upload_gate_up, upload_weights
@@ -387,7 +388,7 @@ class CudaMoE:
         plan_r = b.pairs if by_pair else b.plan
         # few pairs: the down GEMV's blocks quantize their rows themselves
         quantize_in = by_pair and uses_codes(self.down, True) \
-            and p <= CUDA_LAUNCH.gemv_quantize_max_pairs
+            and p <= CUDA_LAUNCH.gemv_quantize_max_pairs and quantize_fits(self.down.chunks)
         slots = p if by_pair else min(e, p)
         shared_small = n_tok <= lim
         router_small = n_tok <= CUDA_LAUNCH.router_gemv_max_tokens

@@ -39,7 +39,7 @@ from .gemm import GEMV_MAX_THREADS, gemv_head, gemv_store
 from .primitives import device_inline, dp4a, load2, load4, seg_sum, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["qgemv_kernel", "min_blocks", "shared_bytes"]
+__all__ = ["qgemv_kernel", "min_blocks", "shared_bytes", "quantize_fits"]
 
 _cache = {}
 
@@ -76,6 +76,13 @@ def shared_bytes(quantize: bool, n_chunks: int) -> int:
     """Dynamic shared memory of a launch: the codes of one row (8 words and
     12 scales a 16-column group) where the blocks quantize their rows."""
     return n_chunks * 2 * 20 * 4 if quantize else 0
+
+
+def quantize_fits(n_chunks: int) -> bool:
+    """Whether the blocks can quantize rows of ``n_chunks`` chunks: their codes
+    fit the 48 KiB of shared memory a block gets without opting in (rows up
+    to 9824 values; Mixtral's 14336 do not)."""
+    return shared_bytes(True, n_chunks) <= 48 << 10
 
 
 def min_blocks(gate_up: bool, nt: int) -> int:
