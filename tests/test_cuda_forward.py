@@ -74,6 +74,15 @@ def test_forward_gemv_slots_by_pair_or_plan(make_model, name, by_pair, monkeypat
     assert bool(plans) != by_pair
 
 
+@pytest.mark.parametrize("by_pair", [True, False])
+def test_forward_dense_experts_float_gemv(make_model, by_pair, monkeypatch):
+    # float32 experts take the float GEMV, by pair slot or by the plan's slots
+    monkeypatch.setattr(CUDA_LAUNCH, "pair_slots_max_mean", 1e9 if by_pair else 0.0)
+    layer = _layer(make_model, "dense", arch="qwen3moe", hidden_size=64, expert_intermediate=64,
+                   num_experts=8, top_k=2, gate_type="F32", up_type="F32", down_type="F32")
+    _check_forward(layer, 7, seed=11)
+
+
 @pytest.mark.parametrize("in_block,fits", [(True, True), (False, True), (True, False)])
 def test_forward_kquants_gemv_by_pair(make_model, in_block, fits, monkeypatch):
     # Q4_K gate / up, Q6_K down on the integer GEMVs by pair slot (2 tokens,
