@@ -178,7 +178,9 @@ class CudaLaunch:
     gemv_quantize_max_pairs : int
         Most (token, expert) pairs for which the down GEMV by pair slot
         quantizes its activation rows in each block (redundantly, a row per
-        block) instead of after a separate quantization launch.  H100,
+        block) instead of after a separate quantization launch, where a
+        row's codes fit a block's shared memory
+        (:func:`numba_moe.cuda.qgemv.quantize_fits`).  H100,
         Qwen3-30B-A3B layer, down phase separate / in the blocks: T=1 (8
         pairs) 11.0 / 9.5 us, T=4 22.4 / 23.5, T=16 71.3 / 81.6.
     router_gemv_max_tokens : int
