@@ -77,10 +77,18 @@ def test_forward_gemv_slots_by_pair_or_plan(make_model, name, by_pair, monkeypat
 @pytest.mark.parametrize("by_pair", [True, False])
 def test_forward_dense_experts_float_gemv(make_model, by_pair, monkeypatch):
     # float32 experts take the float GEMV, by pair slot or by the plan's slots
+    import numba_moe.cuda.matmul as matmul
+
     monkeypatch.setattr(CUDA_LAUNCH, "pair_slots_max_mean", 1e9 if by_pair else 0.0)
+    built = []
+    make = matmul.gemv_kernel
+    monkeypatch.setattr(matmul, "gemv_kernel",
+                        lambda *a: built.append((a[1], a[-1])) or make(*a))
     layer = _layer(make_model, "dense", arch="qwen3moe", hidden_size=64, expert_intermediate=64,
                    num_experts=8, top_k=2, gate_type="F32", up_type="F32", down_type="F32")
     _check_forward(layer, 7, seed=11)
+    # (gate_up, by_pair) of the routed gate/up and down launches
+    assert {(True, by_pair), (False, by_pair)} <= set(built)
 
 
 @pytest.mark.parametrize("in_block,fits", [(True, True), (False, True), (True, False)])

@@ -247,10 +247,11 @@ def _add_planes(logits, row, lane, lstride, parts, part_stride):
 
 @cuda.jit
 def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
-                 n_group, topk_group, scale, ids, weights, parts, part_stride):
+                 n_group, topk_group, scale, ids, weights, parts, part_stride, words):
     """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
 
-    Dynamic shared memory: ``warps * warp_words(n_exp, n_group)`` float32.
+    Dynamic shared memory: ``warps * words`` float32 (``words`` =
+    :func:`warp_words` of ``n_exp``, ``n_group``).
     Warps past the last token route the last token again and write nothing,
     so every lane reaches every reduction.  With ``parts > 1`` the logits
     come as that many partial planes ``part_stride`` apart: the token's warp
@@ -270,8 +271,6 @@ def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_b
             _add_planes(logits, row, lane, lstride, parts, part_stride)
         # the lanes read each other's sums (syncwarp orders global memory too)
         warp_sync()
-    words = 4 * n_exp + n_group
-    words += words & 1                      # warp_words(n_exp, n_group)
     my_id, w = route_token(logits, row, lane, sh, sh64, skey, warp * words, n_exp, top_k,
                            gating, norm, bias, has_bias, n_group, topk_group, scale)
     if valid and lane < top_k:
@@ -299,11 +298,11 @@ def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, w
     """
     top_k, norm, gating, bias, n_group, topk_group, scale = params
     warps = block_warps(n_exp, n_group, warps)
-    shared = warps * warp_words(n_exp, n_group) * 4
+    words = warp_words(n_exp, n_group)
     grid = -(-n_tok // warps)
-    _topk_kernel[grid, 32 * warps, stream, shared](
+    _topk_kernel[grid, 32 * warps, stream, warps * words * 4](
         logits, lstride, n_tok, n_exp, top_k, gating, norm, bias_dev, bias.shape[0] > 0,
-        n_group, topk_group, scale, ids, weights, parts, n_tok * lstride)
+        n_group, topk_group, scale, ids, weights, parts, n_tok * lstride, words)
 
 
 def topk_route(logits, top_k, norm_topk_prob=True, gating="softmax", selection_bias=None,
