@@ -470,13 +470,15 @@ def test_down_parts_only_by_powers_of_two(monkeypatch):
     assert down_parts(48) == 1
 
 
-@pytest.mark.parametrize("qtype,per_lane", [(Q.Q6_K, 1), (Q.Q6_K, 2), (Q.Q4_K, 2)],
-                         ids=["Q6_K-16-lanes", "Q6_K-8-lanes", "Q4_K-8-lanes"])
+@pytest.mark.parametrize("qtype,per_lane", [(Q.Q6_K, 1), (Q.Q6_K, 4), (Q.Q4_K, 2)],
+                         ids=["Q6_K-8-lanes", "Q6_K-4-lanes", "Q4_K-8-lanes"])
 def test_gemv_two_register_sets(qtype, per_lane, monkeypatch):
     # Plain GEMV, one token a pass: the loop alternates two sets of weight
-    # words.  768 columns (24 chunks): 16 lanes a row give lanes of 2 chunks
-    # (sets A, B, out at the loop's test) and of 1 (A, out at the mid-loop
-    # exit); 8 lanes give 3 (A, B, A, out at the mid-loop exit).
+    # words.  768 columns (24 chunks): a Q4_K lane walks chunks, a Q6_K lane
+    # pairs of chunks (12 a row).  12 pairs on 8 lanes give lanes of 2 (sets
+    # A, B, out at the loop's test) and of 1 (A, out at the mid-loop exit);
+    # 4 lanes give 3 (A, B, A, out at the mid-loop exit), as do 24 chunks
+    # on 8 lanes.
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_min_warps", 1)
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_chunks_per_lane", per_lane)
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_shared_bytes", 1024)

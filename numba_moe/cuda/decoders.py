@@ -66,6 +66,13 @@ class QInfo(NamedTuple):
     codes4, kstep32 : CUDA device functions or None
         See the module docstring; None for dense float32 weights
         (``kstep32`` also for Q4_K and Q6_K, which :mod:`.hmma` reads).
+    fetch2 : CUDA device function or None
+        ``fetch2(wa, wb, wc, wd, row, chunk, nb) -> (raw, raw_next)``: the
+        raws of chunks ``chunk`` (even) and ``chunk + 1`` in wider loads, for
+        a type of 8-value segments whose two chunks share their affine terms
+        and whose segment ``s`` of the second chunk continues segment ``s``
+        of the first, so that the two fill 16-column activation groups
+        (Q6_K); None otherwise.
     codes_center : int
         The middle of the code range (8 for Q4_K's 0..15, 32 for Q6_K, 0 for
         signed Q8_0): the GEMV's rounding error is that of ``code - center``.
@@ -88,6 +95,7 @@ class QInfo(NamedTuple):
     codes4: Optional[Callable]
     codes_center: int
     kstep32: Optional[Callable]
+    fetch2: Optional[Callable] = None
 
 
 # Small integers become float32 without the quarter-rate integer-to-float
@@ -342,6 +350,22 @@ def q6k_fetch(wa, wb, wc, wd, row, chunk, nb):
 
 
 @device_inline
+def q6k_fetch2(wa, wb, wc, wd, row, chunk, nb):
+    # chunks 2m, 2m + 1 of a half (g = 2m, 2m + 1): l = 16m .. 16m + 15,
+    # one scale byte a segment for both
+    blk = row * nb + (chunk >> 3)
+    c = chunk & 7
+    n = c >> 2
+    g = c & 3
+    l0, l1, l2, l3 = load4(wa, blk * 32 + 16 * n + 2 * g)
+    u0, u1, u2, u3 = load4(wa, blk * 32 + 16 * n + 8 + 2 * g)
+    e0, e1, e2, e3 = load4(wb, blk * 16 + 8 * n + 2 * g)
+    s0, s1 = load2(wc, blk * 4 + 2 * n)
+    d = float32(wd[blk])
+    return (l0, l1, u0, u1, e0, e1, s0, s1, d), (l2, l3, u2, u3, e2, e3, s0, s1, d)
+
+
+@device_inline
 def q6k_affine(raw, chunk, ab, abo):
     l0, l1, u0, u1, e0, e1, s0, s1, d = raw
     sh = uint32(((chunk & 3) >> 1) * 8)
@@ -493,10 +517,11 @@ def _decoder(fetch, unpack):
 
 
 def _info(qtype, nseg, seglen, block_values, fetch, affine, values4, seg_col, has_offset,
-          codes4=None, codes_center=0, kstep32=None):
+          codes4=None, codes_center=0, kstep32=None, fetch2=None):
     unpack = _unpacker(affine, values4, nseg, seglen)
     return QInfo(qtype, nseg, seglen, block_values, fetch, affine, values4, unpack,
-                 _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center, kstep32)
+                 _decoder(fetch, unpack), seg_col, has_offset, codes4, codes_center, kstep32,
+                 fetch2)
 
 
 #: Decoder table, by the type the device arrays hold.
@@ -506,7 +531,7 @@ QINFO = {
     Q.Q5_K: _info(Q.Q5_K, 2, 16, 256, q5k_fetch, q5k_affine, q5k_values4, kq_seg_col, True,
                   q5k_codes4, 16, q5k_kstep32),
     Q.Q6_K: _info(Q.Q6_K, 4, 8, 256, q6k_fetch, q6k_affine, q6k_values4, q6k_seg_col, True,
-                  q6k_codes4, 32),
+                  q6k_codes4, 32, fetch2=q6k_fetch2),
     Q.Q8_0: _info(Q.Q8_0, 2, 16, 32, q80_fetch, q80_affine, q80_values4, flat_seg_col, False,
                   q80_codes4, kstep32=q80_kstep32),
     F32: _info(F32, 2, 16, 32, f32_fetch, f32_affine, f32_values4, flat_seg_col, False),

@@ -250,15 +250,17 @@ def _make_gemv(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool
 
 
 def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_warps: int,
-                nt: int, shared_budget: int, token_splits: int = 1):
+                nt: int, shared_budget: int, token_splits: int = 1, pairs: bool = False):
     """``(segw, warps, row_blocks, tile_chunks, shared_bytes)`` of the GEMV
     launch for weights with ``rows`` rows of ``n_chunks`` chunks, ``nt``
     tokens a pass.
 
     ``segw`` (lanes per row) is the largest power of two <= 32 that still
     gives every lane ``2 * CUDA_LAUNCH.gemv_chunks_per_lane`` chunks (four
-    times that with ``nt >= 4``) when the row has that many.  Blocks shrink from ``max_warps`` warps until the grid
-    has about two blocks per multiprocessor of an H100; a single expert (the
+    times that with ``nt >= 4``) when the row has that many; with ``pairs``
+    lanes walk units of two chunks (:func:`numba_moe.cuda.qgemv.uses_pairs`),
+    as many chunks a lane.  Blocks shrink from ``max_warps`` warps until the
+    grid has about two blocks per multiprocessor of an H100; a single expert (the
     router, a shared expert) gets the largest blocks, as each block stages
     the same activations.  The staged activations (``nt`` tokens of
     ``tile_chunks`` chunks) fit ``shared_budget`` bytes.
@@ -266,12 +268,16 @@ def gemv_layout(rows: int, n_chunks: int, gate_up: bool, expert_slots: int, max_
     from ..config import CUDA_LAUNCH
 
     per_lane = CUDA_LAUNCH.gemv_chunks_per_lane
+    # lanes walk units of one chunk, or of two (``pairs``: the same chunks a lane)
+    units = n_chunks // 2 if pairs else n_chunks
+    if pairs:
+        per_lane = max(1, per_lane // 2)
     if nt >= 4:
         # passes of 4+ tokens give a lane enough work per chunk; fewer lanes a
         # row reload the activations fewer times (H100, T=64: 726 -> 639 us)
         per_lane *= 4
     segw = 1
-    while segw < 32 and 2 * segw * per_lane <= n_chunks:
+    while segw < 32 and 2 * segw * per_lane <= units:
         segw <<= 1
     rows_per_group = 1 if gate_up else 2
     # few rows (the router): more lanes per row, for more warps in flight

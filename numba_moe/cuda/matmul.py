@@ -16,7 +16,7 @@ from .hmma import hmma_kernel
 from .mma import mma_kernel, mma_layout, row_blocks_fast
 from .plan import DevicePlan, plan_capacity, plan_device
 from .primitives import SIMULATOR
-from .qgemv import qgemv_kernel
+from .qgemv import qgemv_kernel, uses_pairs
 from .qgemv import shared_bytes as qgemv_shared_bytes
 from .weights import DeviceWeights, upload_gate_up, upload_weights
 
@@ -109,11 +109,13 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     gate_up = v is not None
     tile_m = tile_m or CUDA_LAUNCH.tile_m
     vplanes = v.planes if gate_up else w.planes
+    codes_path = uses_codes(w, small)
     if small:
+        # a lane of the integer GEMV in pair mode walks units of two chunks
+        pairs = codes_path and uses_pairs(w.info)
         segw, warps, row_blocks, tile, shared = gemv_layout(
             w.rows, w.chunks, gate_up, expert_slots, CUDA_LAUNCH.gemv_warps, nt,
-            CUDA_LAUNCH.gemv_shared_bytes, token_splits)
-    codes_path = uses_codes(w, small)
+            CUDA_LAUNCH.gemv_shared_bytes, token_splits, pairs)
     # bytes of input rows a tiled tensor-core launch reads: fp16 pairs, or
     # 16-bit codes (their scales left out)
     act_bytes = ((num_pairs // top_k if gate_up else num_pairs) * w.cols

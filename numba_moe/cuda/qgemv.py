@@ -24,7 +24,9 @@ that of codes ``w - c``, half the range of ``w``.  ``acc`` fits int32:
 Grid and lanes as the float GEMV of :mod:`.gemm`: grid ``(expert slot, row
 block, token split)``, a group of ``segw`` lanes owns a weight row (gate and
 up, or two consecutive rows), lane ``i`` of a group walks chunks ``i, i +
-segw, ...`` and uses each chunk for the ``nt`` tokens of a pass.  The
+segw, ...`` and uses each chunk for the ``nt`` tokens of a pass.  For Q6_K
+a lane's unit is two chunks (:func:`uses_pairs`): lane ``i`` walks chunk
+pairs ``i, i + segw, ...``.  The
 activation codes are read straight from global memory (a few KiB a token,
 read by every row group: they stay in L1); the next chunk's weights are
 loaded before the current one is used, to keep loads in flight.
@@ -39,7 +41,7 @@ from .gemm import GEMV_MAX_THREADS, gemv_head, gemv_store
 from .primitives import device_inline, dp4a, load2, load4, seg_sum, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["qgemv_kernel", "min_blocks", "shared_bytes", "quantize_fits"]
+__all__ = ["qgemv_kernel", "min_blocks", "shared_bytes", "quantize_fits", "uses_pairs"]
 
 _cache = {}
 
@@ -56,7 +58,8 @@ def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False,
             xq, xa, num_slots, active, meta, offsets, packed_token_idx, out)
 
     As :func:`numba_moe.cuda.gemm.gemv_kernel` (``segw``, ``warps``,
-    ``row_blocks`` from :func:`~numba_moe.cuda.gemm.gemv_layout`), with the
+    ``row_blocks`` from :func:`~numba_moe.cuda.gemm.gemv_layout`, with
+    ``pairs=uses_pairs(qi)``), with the
     activations as ``xq`` uint32 / ``xa`` float32 of
     :mod:`numba_moe.cuda.actquant` (rows of ``n_chunks * 32`` values) in
     place of ``x``; ``by_pair`` as there; no shared memory.  ``quantize``
@@ -68,8 +71,24 @@ def qgemv_kernel(qi: QInfo, gate_up: bool, nt: int, by_pair: bool = False,
     assert not quantize or (by_pair and not gate_up)
     key = (qi.qtype, gate_up, nt, min_blocks(gate_up, nt), by_pair, quantize)
     if key not in _cache:
-        _cache[key] = _make(qi, gate_up, nt, *key[3:])
+        _cache[key] = _make(qi, gate_up, nt, *key[3:], uses_pairs(qi))
     return _cache[key]
+
+
+def uses_pairs(qi: QInfo) -> bool:
+    """Whether a lane's unit is two chunks (``qi.fetch2``: Q6_K) rather than one.
+
+    Two Q6_K chunks fill 16-column activation groups: one ``dp4a`` chain, one
+    scale load and one float epilogue a group instead of two, and 16-byte
+    weight loads instead of 8-byte ones.  Down phase (H100, Qwen3-30B-A3B
+    layer, one chunk / two a unit): T=1 9.5 / 7.0 us, T=4 23.0 / 21.4, T=16
+    71.8 / 68.1.  Q4_K chunk pairs (one header and one set of sub-block
+    scales for two chunks, 30 % fewer instructions) made the gate / up phase
+    slower instead: T=1 8.4 / 13.2 us, T=16 95.2 / 166.8 (a lane's two
+    16-byte loads, 32 bytes apart across lanes, against one 16-byte load
+    contiguous across lanes).
+    """
+    return qi.fetch2 is not None
 
 
 def shared_bytes(quantize: bool, n_chunks: int) -> int:
@@ -97,7 +116,7 @@ def min_blocks(gate_up: bool, nt: int) -> int:
 
 
 def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
-            has_offset: bool, by_pair: bool, quantize: bool) -> str:
+            has_offset: bool, by_pair: bool, quantize: bool, pairs: bool) -> str:
     """Python source of the kernel, its segment / word / token loops written
     out (as in :func:`numba_moe.cuda.gemm._gemv_source`: rolled, LLVM keeps
     the decoders' word choices as run-time selects)."""
@@ -105,7 +124,6 @@ def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
     # quantize: xq holds float rows, quantized by each block into shared
     # memory (the codes of the slot's row: sq words, sa2 scales)
     loads = ("shared_load4", "load2s") if quantize else ("load4", "load2")
-    load = loads[0] if words == 4 else loads[1]
     toks = range(nt)
     lines = []
     emit = lines.append
@@ -134,10 +152,13 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
     # slower for gate / up and for two tokens a pass)
     pingpong = not gate_up and nt == 1
     sets = ("A", "B") if pingpong else ("A",)
-    emit(f"""        c = lis
-        cn = min(c, n_chunks - 1)
-        A0 = fetch(wa, wb, wc, wd, row0, cn, nb)
-        A1 = fetch({second}, row1, cn, nb)""")
+    # pairs: a lane's unit is two chunks (even, odd) read by ``fetch2``
+    step = 2 if pairs else 1
+    fetch = "fetch2" if pairs else "fetch"
+    emit(f"""        c = {step} * lis
+        cn = min(c, n_chunks - {step})
+        A0 = {fetch}(wa, wb, wc, wd, row0, cn, nb)
+        A1 = {fetch}({second}, row1, cn, nb)""")
     if quantize:
         # after the first weight loads: their latency overlaps the quantization
         emit("""        quantize_groups(xrow, tid, nthreads, groups, sq, sa2)
@@ -148,24 +169,27 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
         nxt = sets[(k + 1) % len(sets)]
         if k:
             emit(f"{ind}if c >= n_chunks:\n{ind}    break")
-        emit(f"""{ind}cn = min(c + segw, n_chunks - 1)""")
+        emit(f"""{ind}cn = min(c + {step} * segw, n_chunks - {step})""")
         if pingpong:
-            emit(f"""{ind}{nxt}0 = fetch(wa, wb, wc, wd, row0, cn, nb)
-{ind}{nxt}1 = fetch({second}, row1, cn, nb)
+            emit(f"""{ind}{nxt}0 = {fetch}(wa, wb, wc, wd, row0, cn, nb)
+{ind}{nxt}1 = {fetch}({second}, row1, cn, nb)
 {ind}raw0 = {cur}0
 {ind}raw1 = {cur}1""")
         else:
             emit(f"""{ind}raw0 = A0
 {ind}raw1 = A1
-{ind}A0 = fetch(wa, wb, wc, wd, row0, cn, nb)
-{ind}A1 = fetch({second}, row1, cn, nb)""")
-        _body(emit, ind, nseg, words, load, toks, center, has_offset, quantize)
-        emit(f"{ind}c += segw")
+{ind}A0 = {fetch}(wa, wb, wc, wd, row0, cn, nb)
+{ind}A1 = {fetch}({second}, row1, cn, nb)""")
+        if pairs:
+            _pair_body(emit, ind, nseg, loads, toks, center, has_offset, quantize)
+        else:
+            _body(emit, ind, nseg, words, loads, toks, center, has_offset, quantize)
+        emit(f"{ind}c += {step} * segw")
     emit(gemv_store(nt, gate_up))
     return "\n".join(lines) + "\n"
 
 
-def _body(emit, ind, nseg, words, load, toks, center, has_offset, quantize):
+def _body(emit, ind, nseg, words, loads, toks, center, has_offset, quantize):
     """One chunk of the loop: the weight words ``raw0``, ``raw1`` of chunk
     ``c`` against each token of the pass."""
     emit(f"{ind}affine(raw0, c, ab, 0)\n{ind}affine(raw1, c, ab, 8)")
@@ -178,28 +202,57 @@ def _body(emit, ind, nseg, words, load, toks, center, has_offset, quantize):
             emit(f"{ind}p{v} = codes4(raw0, c, {v}, {sg})")
             emit(f"{ind}q{v} = codes4(raw1, c, {v}, {sg})")
         for t in toks:
-            base = f"(xg{t} + grp) * 8"
-            wo = base + (" + 2 * half" if words == 2 else "")
-            hs = ", ".join(f"h{v}" for v in range(words))
-            ls = ", ".join(f"l{v}" for v in range(words))
-            codes, scales = ("sq", "sa2") if quantize else ("xq", "xa")
-            emit(f"{ind}{hs} = {load}({codes}, {wo})")
-            emit(f"{ind}{ls} = {load}({codes}, {wo} + 4)")
-            xa_at = f"(xg{t} + grp) * 12" + (" + 4 + 4 * half" if words == 2 else "")
-            emit(f"{ind}d, xs, xr, _ = {'shared_load4' if quantize else 'load4'}({scales}, {xa_at})")
-            for acc, w in (("ag", "p"), ("au", "q")):
-                emit(f"{ind}{acc} = dp4a({w}0, h0, 0)")
-                for v in range(1, words):
-                    emit(f"{ind}{acc} = dp4a({w}{v}, h{v}, {acc})")
-                emit(f"{ind}{acc} = dp4a({w}0, l0, {acc} << 8)")
-                for v in range(1, words):
-                    emit(f"{ind}{acc} = dp4a({w}{v}, l{v}, {acc})")
-            cr = f" + float32({center}) * xr" if center else ""
-            emit(f"{ind}g{t} += ab[{sg}] * (d * float32(ag){cr})")
-            emit(f"{ind}u{t} += ab[{8 + sg}] * (d * float32(au){cr})")
-            if has_offset:
-                emit(f"{ind}g{t} -= ab[{4 + sg}] * xs")
-                emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
+            half = words == 2
+            _segment(emit, ind, t, sg, words, loads, center, has_offset, quantize,
+                     " + 2 * half" if half else "", " + 4 + 4 * half" if half else "")
+
+
+def _pair_body(emit, ind, nseg, loads, toks, center, has_offset, quantize):
+    """One unit of the loop in pair mode: chunks ``c`` and ``c + 1`` (raws
+    ``raw0``, ``raw1``: tuples of the two chunks' raws) against each token.
+
+    The two chunks share their affine terms, and their segments ``s`` (8
+    columns each) are the two halves of one 16-column activation group: one
+    segment of four words, as a Q4_K chunk's.
+    """
+    emit(f"{ind}ra0, rb0 = raw0\n{ind}ra1, rb1 = raw1")
+    emit(f"{ind}affine(ra0, c, ab, 0)\n{ind}affine(ra1, c, ab, 8)")
+    for sg in range(nseg):
+        emit(f"{ind}grp = seg_col(c, {sg}) >> 4")
+        for k, (rw, cc, v) in enumerate((("a", "c", 0), ("a", "c", 1), ("b", "c + 1", 0),
+                                         ("b", "c + 1", 1))):
+            emit(f"{ind}p{k} = codes4(r{rw}0, {cc}, {v}, {sg})")
+            emit(f"{ind}q{k} = codes4(r{rw}1, {cc}, {v}, {sg})")
+        for t in toks:
+            _segment(emit, ind, t, sg, 4, loads, center, has_offset, quantize, "", "")
+
+
+def _segment(emit, ind, t, sg, words, loads, center, has_offset, quantize, code_off, scale_off):
+    """Token ``t`` against the weight codes ``p*`` (gate or first row) and
+    ``q*`` of segment ``sg``: ``words`` code words of activation group
+    ``grp`` (at ``code_off`` / ``scale_off`` within the group's codes and
+    scales), into ``g{t}``, ``u{t}``."""
+    codes, scales = ("sq", "sa2") if quantize else ("xq", "xa")
+    load = loads[0] if words == 4 else loads[1]
+    wo = f"(xg{t} + grp) * 8{code_off}"
+    hs = ", ".join(f"h{v}" for v in range(words))
+    ls = ", ".join(f"l{v}" for v in range(words))
+    emit(f"{ind}{hs} = {load}({codes}, {wo})")
+    emit(f"{ind}{ls} = {load}({codes}, {wo} + 4)")
+    emit(f"{ind}d, xs, xr, _ = {loads[0]}({scales}, (xg{t} + grp) * 12{scale_off})")
+    for acc, w in (("ag", "p"), ("au", "q")):
+        emit(f"{ind}{acc} = dp4a({w}0, h0, 0)")
+        for v in range(1, words):
+            emit(f"{ind}{acc} = dp4a({w}{v}, h{v}, {acc})")
+        emit(f"{ind}{acc} = dp4a({w}0, l0, {acc} << 8)")
+        for v in range(1, words):
+            emit(f"{ind}{acc} = dp4a({w}{v}, l{v}, {acc})")
+    cr = f" + float32({center}) * xr" if center else ""
+    emit(f"{ind}g{t} += ab[{sg}] * (d * float32(ag){cr})")
+    emit(f"{ind}u{t} += ab[{8 + sg}] * (d * float32(au){cr})")
+    if has_offset:
+        emit(f"{ind}g{t} -= ab[{4 + sg}] * xs")
+        emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
 
 
 @device_inline
@@ -208,13 +261,15 @@ def _shared_load2(arr, i):
     return arr[i], arr[i + 1]
 
 
-def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool, quantize: bool):
+def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool, quantize: bool,
+          pairs: bool):
     src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset, by_pair,
-                  quantize)
+                  quantize, pairs)
     ns = dict(cuda=cuda, float32=float32, int64=int64, uint32=uint32, fetch=qi.fetch,
+              fetch2=qi.fetch2,
               affine=qi.affine, codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2,
               dp4a=dp4a, seg_sum=seg_sum, silu=silu, quantize_groups=quantize_groups,
               shared_load4=shared_load4, load2s=_shared_load2)
     exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt} by_pair={by_pair}"
-                      f" quantize={quantize}>", "exec"), ns)
+                      f" quantize={quantize} pairs={pairs}>", "exec"), ns)
     return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])
