@@ -81,10 +81,15 @@ def test_topk_ties_nan_and_inf_rows():
         np.testing.assert_allclose(w, ref.expert_weights, rtol=1e-6, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("n_exp", [96, 160])
+@pytest.mark.parametrize("n_exp", [96, 160, 300])
 @pytest.mark.parametrize("opts", ROUTINGS, ids=lambda o: o["gating"] + str(len(o)))
 def test_topk_many_experts_matches_cpu(opts, n_exp):
-    # several experts a lane; ties across lanes go to the lower id
+    # several experts a lane (their selection keys in registers up to 256
+    # experts, in shared memory for 300); ties within and across lanes go
+    # to the lower id
+    from numba_moe.cuda.routing import REG_KEYS_MAX, topk_kernel
+
+    assert (topk_kernel(n_exp) is topk_kernel(3000)) == (n_exp > 32 * REG_KEYS_MAX)
     rng = np.random.default_rng(4)
     logits = rng.standard_normal((2, n_exp)).astype(np.float32)
     logits[1, [3, 9, 40, 41, 72]] = 4.0

@@ -5,10 +5,13 @@ same way: exponentials and sums in float64, each probability rounded to
 float32 once, NaN selection scores compare as ``-inf``, ties go to the lower
 expert index, and every id is valid even when all scores are ``-inf``/NaN.
 
-One warp routes one token.  Its exponentials (then selection keys),
-probabilities and selection scores live in shared memory (``4 * E +
-n_group`` words a warp, :func:`warp_words`), so any E fits that the shared
-memory does; K <= 32 because lane k keeps the k-th pick.
+One warp routes one token.  Its exponentials, probabilities and selection
+scores live in shared memory (``4 * E + n_group`` words a warp,
+:func:`warp_words`), so any E fits that the shared memory does; K <= 32
+because lane k keeps the k-th pick.  The selection keys of up to
+``32 * REG_KEYS_MAX`` experts stay in registers (one kernel per keys a
+lane, :func:`topk_kernel`); more go to shared memory, where the
+exponentials were.
 """
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ from ..errors import MoEError
 from ..routing import GATINGS, RouterOutput, _check_params
 from .primitives import f32_bits, warp_argmax, warp_max64, warp_sum64, warp_sync
 
-__all__ = ["topk_route", "launch_topk", "warp_words", "block_warps", "check_experts",
-           "route_token", "MAX_TOP_K"]
+__all__ = ["topk_route", "launch_topk", "topk_kernel", "warp_words", "block_warps",
+           "check_experts", "MAX_TOP_K", "REG_KEYS_MAX"]
 
 #: Largest K the device router supports (one lane per pick).
 MAX_TOP_K = 32
+#: Most selection keys a lane holds in registers (experts up to 32 times it).
+REG_KEYS_MAX = 8
 _SOFTMAX = GATINGS["softmax"]
 _SIGMOID = GATINGS["sigmoid"]
 _SOFTMAX_WEIGHT = GATINGS["softmax_weight"]
@@ -34,12 +39,13 @@ _NEG_INF = float32(-np.inf)
 
 # the selection key of an expert already picked: below every score's key
 _PICKED = int64(-(2**63))
+_kernels = {}
 # dynamic shared memory a block may use without opting in to more
 _SHARED_LIMIT = 48 << 10
 
 
 def warp_words(n_exp: int, n_group: int) -> int:
-    """float32 words of one warp's shared scratch in :func:`route_token` (even:
+    """float32 words of one warp's shared scratch in the routing kernel (even:
     its first half holds 8-byte words)."""
     n = 4 * n_exp + n_group
     return n + (n & 1)
@@ -79,90 +85,12 @@ def _select_key(v, e):
 
 
 @cuda.jit(device=True)
-def route_token(logits, row, lane, sh, sh64, skey, base, n_exp, top_k, gating, norm, bias,
-                has_bias, n_group, topk_group, scale):
-    """Route the token whose logits start at ``logits[row]``, by one warp.
-
-    ``sh[base : base + warp_words(n_exp, n_group)]`` is this warp's shared
-    scratch (``base`` even), ``sh64`` and ``skey`` the same memory as float64
-    and int64: the exponentials of the softmax, then the selection keys
-    (:func:`_select_key`) in its first ``2 * n_exp`` words, the
-    probabilities, the selection scores and the group scores after them.
-    Returns ``(id, weight)`` of pick ``lane`` (meaningful for ``lane <
-    top_k``).  Every lane of the warp must call it (warp reductions), and
-    the caller syncs the warp before reusing the scratch.
-
-    Lane ``l`` owns experts ``l, l + 32, ...``: their exponentials and keys
-    are its own, and it keeps the largest key of its unpicked experts, so a
-    pick is one warp maximum of the keys and a rescan by the lane that owned
-    the winner.
-    """
-    wide = base >> 1
-    probs = base + 2 * n_exp
-    sel = base + 3 * n_exp
-    gsc = base + 4 * n_exp
-
-    s = float64(1)
-    if gating == _SOFTMAX:
-        m = _NEG_INF
-        for e in range(lane, n_exp, 32):
-            v = logits[row + e]
-            if v > m:
-                m = v
-        m64 = warp_max64(float64(m))
-        s = float64(0)
-        for e in range(lane, n_exp, 32):
-            ex = math.exp(float64(logits[row + e]) - m64)
-            sh64[wide + e] = ex
-            s += ex
-        s = warp_sum64(s)
-    for e in range(lane, n_exp, 32):
-        if gating == _SOFTMAX:
-            p = float32(sh64[wide + e] / s)
-        elif gating == _SIGMOID:
-            p = float32(1.0 / (1.0 + math.exp(-float64(logits[row + e]))))
-        else:
-            p = logits[row + e]
-        sh[probs + e] = p
-        v = p + bias[e] if has_bias else p
-        sh[sel + e] = v if v == v else _NEG_INF
-    warp_sync()
-
-    if n_group > 1:
-        gsize = n_exp // n_group
-        for g in range(lane, n_group, 32):
-            b1 = _NEG_INF
-            b2 = _NEG_INF
-            for e in range(g * gsize, (g + 1) * gsize):
-                v = sh[sel + e]
-                if v > b1:
-                    b2 = b1
-                    b1 = v
-                elif v > b2:
-                    b2 = v
-            gs = b1 if gsize == 1 else b1 + b2
-            # +inf + -inf: a group with no usable score ranks last
-            sh[gsc + g] = gs if gs == gs else _NEG_INF
-        warp_sync()
-        for _ in range(topk_group):
-            bv = _NEG_INF
-            bi = int32(n_group)
-            for g in range(lane, n_group, 32):
-                v = sh[gsc + g]
-                # NaN marks a group already kept
-                if v == v and (bi == n_group or v > bv):
-                    bv = v
-                    bi = int32(g)
-            bv, bi = warp_argmax(bv, bi)
-            if lane == 0:
-                sh[gsc + bi] = np.nan
-            warp_sync()
-        for e in range(lane, n_exp, 32):
-            v = sh[gsc + e // gsize]
-            if v == v:
-                sh[sel + e] = _NEG_INF
-        warp_sync()
-
+def _select_in_shared(sh, skey, wide, sel, lane, n_exp, top_k):
+    """Pick ``lane`` (``lane < top_k``) of the ``top_k`` largest selection
+    keys of ``sh[sel : sel + n_exp]``, for any number of experts: the keys
+    in ``skey[wide : wide + n_exp]``, a lane keeps the largest of its
+    unpicked ones, so a pick is one warp maximum and a rescan by the lane
+    that owned the winner."""
     best = _PICKED
     for e in range(lane, n_exp, 32):
         k = _select_key(sh[sel + e], e)
@@ -178,25 +106,165 @@ def route_token(logits, row, lane, sh, sh64, skey, base, n_exp, top_k, gating, n
             best = _PICKED
             for e in range(lane, n_exp, 32):
                 best = max(best, skey[wide + e])
+    return my_id
 
-    mine = lane < top_k
-    if gating == _SOFTMAX_WEIGHT:
-        xk = logits[row + my_id]
-        mk = float64(xk) if (mine and xk > _NEG_INF) else float64(-np.inf)
-        mk = warp_max64(mk)
-        ek = math.exp(float64(xk) - mk) if mine else float64(0)
-        s = warp_sum64(ek)
-        w = float32(ek / s * scale)
-    else:
-        pk = float64(sh[probs + my_id]) if mine else float64(0)
+
+def _select_in_registers(nv: int):
+    """:func:`_select_in_shared` for ``32 * nv`` experts at most, each lane's
+    ``nv`` keys in registers, sorted once: a pick is one warp maximum of the
+    lanes' first keys, and the winner shifts its list (no shared-memory
+    rescan; H100, T=1: the eight rounds were half of the kernel's
+    instructions, 178 each)."""
+
+    @cuda.jit(device=True)
+    def select(sh, skey, wide, sel, lane, n_exp, top_k):
+        ks = cuda.local.array(nv, int64)
+        for j in range(nv):
+            ks[j] = _PICKED
+        for i in range(nv):
+            e = lane + 32 * i
+            if e < n_exp:
+                k = _select_key(sh[sel + e], e)
+                # insertion into the descending list
+                for j in range(nv):
+                    if k > ks[j]:
+                        t = ks[j]
+                        ks[j] = k
+                        k = t
+        my_id = int32(0)
+        for r in range(top_k):
+            m = warp_max64(ks[0])
+            if lane == r:
+                my_id = int32(0xFFFFFFFF - (m & 0xFFFFFFFF))
+            # keys are distinct: only the owner of the winner matches
+            if ks[0] == m:
+                for j in range(nv - 1):
+                    ks[j] = ks[j + 1]
+                ks[nv - 1] = _PICKED
+        return my_id
+
+    return select
+
+
+def _make_route_token(nv: int):
+    """The per-token routing function for ``32 * nv`` experts at most (``nv``
+    = 0: any number, the selection keys in shared memory)."""
+    select = _select_in_registers(nv) if nv else _select_in_shared
+
+    @cuda.jit(device=True)
+    def route_token(logits, row, lane, sh, sh64, skey, base, n_exp, top_k, gating, norm, bias,
+                    has_bias, n_group, topk_group, scale):
+        """Route the token whose logits start at ``logits[row]``, by one warp.
+
+        ``sh[base : base + warp_words(n_exp, n_group)]`` is this warp's shared
+        scratch (``base`` even), ``sh64`` and ``skey`` the same memory as
+        float64 and int64: the exponentials of the softmax (then, for many
+        experts, the selection keys of :func:`_select_key`) in its first ``2 *
+        n_exp`` words, the probabilities, the selection scores and the group
+        scores after them.  Returns ``(id, weight)`` of pick ``lane``
+        (meaningful for ``lane < top_k``).  Every lane of the warp must call it
+        (warp reductions), and the caller syncs the warp before reusing the
+        scratch.
+
+        Lane ``l`` owns experts ``l, l + 32, ...`` (a loop of ``nv`` steps,
+        unrolled, when ``nv`` is set).
+        """
+        per_lane = nv if nv else (n_exp + 31) >> 5
+        wide = base >> 1
+        probs = base + 2 * n_exp
+        sel = base + 3 * n_exp
+        gsc = base + 4 * n_exp
+
         s = float64(1)
-        if norm:
-            s = warp_sum64(pk)
-        if norm and s <= 0.0:
-            w = float32(scale / top_k)
+        if gating == _SOFTMAX:
+            m = _NEG_INF
+            for i in range(per_lane):
+                e = lane + 32 * i
+                if e < n_exp:
+                    v = logits[row + e]
+                    if v > m:
+                        m = v
+            m64 = warp_max64(float64(m))
+            s = float64(0)
+            for i in range(per_lane):
+                e = lane + 32 * i
+                if e < n_exp:
+                    ex = math.exp(float64(logits[row + e]) - m64)
+                    sh64[wide + e] = ex
+                    s += ex
+            s = warp_sum64(s)
+        for i in range(per_lane):
+            e = lane + 32 * i
+            if e < n_exp:
+                if gating == _SOFTMAX:
+                    p = float32(sh64[wide + e] / s)
+                elif gating == _SIGMOID:
+                    p = float32(1.0 / (1.0 + math.exp(-float64(logits[row + e]))))
+                else:
+                    p = logits[row + e]
+                sh[probs + e] = p
+                v = p + bias[e] if has_bias else p
+                sh[sel + e] = v if v == v else _NEG_INF
+        warp_sync()
+        if n_group > 1:
+            gsize = n_exp // n_group
+            for g in range(lane, n_group, 32):
+                b1 = _NEG_INF
+                b2 = _NEG_INF
+                for e in range(g * gsize, (g + 1) * gsize):
+                    v = sh[sel + e]
+                    if v > b1:
+                        b2 = b1
+                        b1 = v
+                    elif v > b2:
+                        b2 = v
+                gs = b1 if gsize == 1 else b1 + b2
+                # +inf + -inf: a group with no usable score ranks last
+                sh[gsc + g] = gs if gs == gs else _NEG_INF
+            warp_sync()
+            for _ in range(topk_group):
+                bv = _NEG_INF
+                bi = int32(n_group)
+                for g in range(lane, n_group, 32):
+                    v = sh[gsc + g]
+                    # NaN marks a group already kept
+                    if v == v and (bi == n_group or v > bv):
+                        bv = v
+                        bi = int32(g)
+                bv, bi = warp_argmax(bv, bi)
+                if lane == 0:
+                    sh[gsc + bi] = np.nan
+                warp_sync()
+            for i in range(per_lane):
+                e = lane + 32 * i
+                if e < n_exp:
+                    v = sh[gsc + e // gsize]
+                    if v == v:
+                        sh[sel + e] = _NEG_INF
+            warp_sync()
+
+        my_id = select(sh, skey, wide, sel, lane, n_exp, top_k)
+
+        mine = lane < top_k
+        if gating == _SOFTMAX_WEIGHT:
+            xk = logits[row + my_id]
+            mk = float64(xk) if (mine and xk > _NEG_INF) else float64(-np.inf)
+            mk = warp_max64(mk)
+            ek = math.exp(float64(xk) - mk) if mine else float64(0)
+            s = warp_sum64(ek)
+            w = float32(ek / s * scale)
         else:
-            w = float32(pk / s * scale)
-    return my_id, w
+            pk = float64(sh[probs + my_id]) if mine else float64(0)
+            s = float64(1)
+            if norm:
+                s = warp_sum64(pk)
+            if norm and s <= 0.0:
+                w = float32(scale / top_k)
+            else:
+                w = float32(pk / s * scale)
+        return my_id, w
+
+    return route_token
 
 
 @cuda.jit(device=True)
@@ -245,37 +313,52 @@ def _add_planes(logits, row, lane, lstride, parts, part_stride):
             logits[i3] = v3
 
 
-@cuda.jit
-def _topk_kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
-                 n_group, topk_group, scale, ids, weights, parts, part_stride, words):
-    """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
+def topk_kernel(n_exp: int):
+    """The routing kernel for ``n_exp`` experts: selection keys in registers
+    up to :data:`REG_KEYS_MAX` a lane, else in shared memory."""
+    nv = -(-n_exp // 32)
+    nv = nv if nv <= REG_KEYS_MAX else 0
+    if nv not in _kernels:
+        _kernels[nv] = _make_topk_kernel(nv)
+    return _kernels[nv]
 
-    Dynamic shared memory: ``warps * words`` float32 (``words`` =
-    :func:`warp_words` of ``n_exp``, ``n_group``).
-    Warps past the last token route the last token again and write nothing,
-    so every lane reaches every reduction.  With ``parts > 1`` the logits
-    come as that many partial planes ``part_stride`` apart: the token's warp
-    first adds them, in order, into the first.
-    """
-    sh = cuda.shared.array(0, float32)
-    sh64 = cuda.shared.array(0, float64)
-    skey = cuda.shared.array(0, int64)
-    tid = cuda.threadIdx.x
-    lane = tid & 31
-    warp = tid >> 5
-    t = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + warp
-    valid = t < n_tok
-    row = (t if valid else n_tok - 1) * lstride
-    if parts > 1:
-        if valid:
-            _add_planes(logits, row, lane, lstride, parts, part_stride)
-        # the lanes read each other's sums (syncwarp orders global memory too)
-        warp_sync()
-    my_id, w = route_token(logits, row, lane, sh, sh64, skey, warp * words, n_exp, top_k,
-                           gating, norm, bias, has_bias, n_group, topk_group, scale)
-    if valid and lane < top_k:
-        ids[t * top_k + lane] = my_id
-        weights[t * top_k + lane] = w
+
+def _make_topk_kernel(nv: int):
+    route_token = _make_route_token(nv)
+
+    @cuda.jit
+    def kernel(logits, lstride, n_tok, n_exp, top_k, gating, norm, bias, has_bias,
+               n_group, topk_group, scale, ids, weights, parts, part_stride, words):
+        """Warp ``w`` of block ``b`` routes token ``b * warps + w``.
+
+        Dynamic shared memory: ``warps * words`` float32 (``words`` =
+        :func:`warp_words` of ``n_exp``, ``n_group``).
+        Warps past the last token route the last token again and write nothing,
+        so every lane reaches every reduction.  With ``parts > 1`` the logits
+        come as that many partial planes ``part_stride`` apart: the token's warp
+        first adds them, in order, into the first.
+        """
+        sh = cuda.shared.array(0, float32)
+        sh64 = cuda.shared.array(0, float64)
+        skey = cuda.shared.array(0, int64)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        t = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + warp
+        valid = t < n_tok
+        row = (t if valid else n_tok - 1) * lstride
+        if parts > 1:
+            if valid:
+                _add_planes(logits, row, lane, lstride, parts, part_stride)
+            # the lanes read each other's sums (syncwarp orders global memory too)
+            warp_sync()
+        my_id, w = route_token(logits, row, lane, sh, sh64, skey, warp * words, n_exp, top_k,
+                               gating, norm, bias, has_bias, n_group, topk_group, scale)
+        if valid and lane < top_k:
+            ids[t * top_k + lane] = my_id
+            weights[t * top_k + lane] = w
+
+    return kernel
 
 
 def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, warps, stream,
@@ -300,7 +383,7 @@ def launch_topk(logits, lstride, n_tok, n_exp, params, bias_dev, ids, weights, w
     warps = block_warps(n_exp, n_group, warps)
     words = warp_words(n_exp, n_group)
     grid = -(-n_tok // warps)
-    _topk_kernel[grid, 32 * warps, stream, warps * words * 4](
+    topk_kernel(n_exp)[grid, 32 * warps, stream, warps * words * 4](
         logits, lstride, n_tok, n_exp, top_k, gating, norm, bias_dev, bias.shape[0] > 0,
         n_group, topk_group, scale, ids, weights, parts, n_tok * lstride, words)
 
