@@ -181,8 +181,12 @@ class CudaLaunch:
         block) instead of after a separate quantization launch, where a
         row's codes fit a block's shared memory
         (:func:`numba_moe.cuda.qgemv.quantize_fits`).  H100,
-        Qwen3-30B-A3B layer, down phase separate / in the blocks: T=1 (8
-        pairs) 11.0 / 9.5 us, T=4 22.4 / 23.5, T=16 71.3 / 81.6.
+        Qwen3-30B-A3B layer, whole forward with 8 / 16 / 32 / 64 / 128:
+        T=2 53.0 / 48.3 us, T=4 72.5 (16) / 66.8 (32) / 66.6 (64), T=8
+        115.0 (16) / 114.8 (32) / 107.1 (64), T=12 156.3 (64) / 144.6
+        (128), T=16 194.1 (64) / 181.6 (128), with the down GEMV walking
+        Q6_K chunk pairs (before them, down phase alone, separate / in the
+        blocks: T=1 11.0 / 9.5 us, T=4 22.4 / 23.5, T=16 71.3 / 81.6).
     router_gemv_max_tokens : int
         Largest token count whose router runs on the GEMV kernel; above it
         the tiled kernel runs, its columns split (``router_split_blocks``).
@@ -258,7 +262,7 @@ class CudaLaunch:
     gemv_max_tokens: int = 16
     gemv_max_tokens_fp16: int = 1
     pair_slots_max_mean: float = 1.0
-    gemv_quantize_max_pairs: int = 8
+    gemv_quantize_max_pairs: int = 128
     router_gemv_max_tokens: int = 16
     graphs: bool = True
     gemv_min_blocks: int = 2

@@ -94,10 +94,9 @@ def test_forward_dense_experts_float_gemv(make_model, by_pair, monkeypatch):
 @pytest.mark.parametrize("in_block,fits", [(True, True), (False, True), (True, False)])
 def test_forward_kquants_gemv_by_pair(make_model, in_block, fits, monkeypatch):
     # Q4_K gate / up, Q6_K down on the integer GEMVs by pair slot (2 tokens,
-    # K=2, 4 experts); the down GEMV quantizes its rows in shared memory
-    # (reading Q6_K's 8-column segments as word pairs there), or reads the
-    # codes of a separate launch: when told to, or when a row's codes would
-    # not fit a block's shared memory
+    # K=2, 4 experts); the down GEMV (walking Q6_K chunk pairs) quantizes its
+    # rows in shared memory, or reads the codes of a separate launch: when
+    # told to, or when a row's codes would not fit a block's shared memory
     import numba_moe.cuda.forward as forward
 
     monkeypatch.setattr(CUDA_LAUNCH, "gemv_quantize_max_pairs", 8 if in_block else 0)

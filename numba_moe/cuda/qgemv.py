@@ -9,8 +9,8 @@ and ``dp4a`` multiplies them with four activation codes and adds, so a
 weight costs about one instruction per token.
 
 The activations come as 16-bit codes in two byte planes (:mod:`.actquant`):
-per weight segment (``seglen`` columns sharing ``a_s``, ``b_s``; inside one
-activation group of scale ``d``) and token, ::
+per weight segment (16 columns sharing ``a_s``, ``b_s``: one activation
+group, of scale ``d``) and token, ::
 
     acc  = sum_i w_i * hi_i                  dp4a chain over the segment's words
     acc  = (acc << 8) + sum_i w_i * lo_i     second chain, started from the first
@@ -24,12 +24,13 @@ that of codes ``w - c``, half the range of ``w``.  ``acc`` fits int32:
 Grid and lanes as the float GEMV of :mod:`.gemm`: grid ``(expert slot, row
 block, token split)``, a group of ``segw`` lanes owns a weight row (gate and
 up, or two consecutive rows), lane ``i`` of a group walks chunks ``i, i +
-segw, ...`` and uses each chunk for the ``nt`` tokens of a pass.  For Q6_K
-a lane's unit is two chunks (:func:`uses_pairs`): lane ``i`` walks chunk
-pairs ``i, i + segw, ...``.  The
-activation codes are read straight from global memory (a few KiB a token,
-read by every row group: they stay in L1); the next chunk's weights are
-loaded before the current one is used, to keep loads in flight.
+segw, ...`` and uses each chunk for the ``nt`` tokens of a pass.  A Q6_K
+chunk's segments are 8 columns; there a lane's unit is two chunks
+(:func:`uses_pairs`), whose segments ``s`` make one 16-column segment, and
+lane ``i`` walks chunk pairs ``i, i + segw, ...``.  The activation codes
+are read straight from global memory (a few KiB a token, read by every row
+group: they stay in L1); the next unit's weights are loaded before the
+current one is used, to keep loads in flight.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from numba import cuda, float32, int64, uint32
 from .actquant import quantize_groups
 from .decoders import QInfo
 from .gemm import GEMV_MAX_THREADS, gemv_head, gemv_store
-from .primitives import device_inline, dp4a, load2, load4, seg_sum, shared_load4, silu
+from .primitives import dp4a, load4, seg_sum, shared_load4, silu
 from .primitives import kernel as kernel_jit
 
 __all__ = ["qgemv_kernel", "min_blocks", "shared_bytes", "quantize_fits", "uses_pairs"]
@@ -120,10 +121,11 @@ def _source(nseg: int, seglen: int, gate_up: bool, nt: int, center: int,
     """Python source of the kernel, its segment / word / token loops written
     out (as in :func:`numba_moe.cuda.gemm._gemv_source`: rolled, LLVM keeps
     the decoders' word choices as run-time selects)."""
-    words = seglen // 4
+    # a segment is 4 code words: 16-value segments, or two chunks' 8-value ones
+    assert seglen == 16 or (pairs and seglen == 8)
     # quantize: xq holds float rows, quantized by each block into shared
     # memory (the codes of the slot's row: sq words, sa2 scales)
-    loads = ("shared_load4", "load2s") if quantize else ("load4", "load2")
+    load = "shared_load4" if quantize else "load4"
     toks = range(nt)
     lines = []
     emit = lines.append
@@ -181,33 +183,28 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_chunks, rows, segw,
 {ind}A0 = {fetch}(wa, wb, wc, wd, row0, cn, nb)
 {ind}A1 = {fetch}({second}, row1, cn, nb)""")
         if pairs:
-            _pair_body(emit, ind, nseg, loads, toks, center, has_offset, quantize)
+            _pair_body(emit, ind, nseg, load, toks, center, has_offset, quantize)
         else:
-            _body(emit, ind, nseg, words, loads, toks, center, has_offset, quantize)
+            _body(emit, ind, nseg, load, toks, center, has_offset, quantize)
         emit(f"{ind}c += {step} * segw")
     emit(gemv_store(nt, gate_up))
     return "\n".join(lines) + "\n"
 
 
-def _body(emit, ind, nseg, words, loads, toks, center, has_offset, quantize):
+def _body(emit, ind, nseg, load, toks, center, has_offset, quantize):
     """One chunk of the loop: the weight words ``raw0``, ``raw1`` of chunk
     ``c`` against each token of the pass."""
     emit(f"{ind}affine(raw0, c, ab, 0)\n{ind}affine(raw1, c, ab, 8)")
     for sg in range(nseg):
-        emit(f"{ind}col = seg_col(c, {sg})")
-        emit(f"{ind}grp = col >> 4")
-        if words == 2:
-            emit(f"{ind}half = (col >> 3) & 1")
-        for v in range(words):
+        emit(f"{ind}grp = seg_col(c, {sg}) >> 4")
+        for v in range(4):
             emit(f"{ind}p{v} = codes4(raw0, c, {v}, {sg})")
             emit(f"{ind}q{v} = codes4(raw1, c, {v}, {sg})")
         for t in toks:
-            half = words == 2
-            _segment(emit, ind, t, sg, words, loads, center, has_offset, quantize,
-                     " + 2 * half" if half else "", " + 4 + 4 * half" if half else "")
+            _segment(emit, ind, t, sg, load, center, has_offset, quantize)
 
 
-def _pair_body(emit, ind, nseg, loads, toks, center, has_offset, quantize):
+def _pair_body(emit, ind, nseg, load, toks, center, has_offset, quantize):
     """One unit of the loop in pair mode: chunks ``c`` and ``c + 1`` (raws
     ``raw0``, ``raw1``: tuples of the two chunks' raws) against each token.
 
@@ -224,28 +221,23 @@ def _pair_body(emit, ind, nseg, loads, toks, center, has_offset, quantize):
             emit(f"{ind}p{k} = codes4(r{rw}0, {cc}, {v}, {sg})")
             emit(f"{ind}q{k} = codes4(r{rw}1, {cc}, {v}, {sg})")
         for t in toks:
-            _segment(emit, ind, t, sg, 4, loads, center, has_offset, quantize, "", "")
+            _segment(emit, ind, t, sg, load, center, has_offset, quantize)
 
 
-def _segment(emit, ind, t, sg, words, loads, center, has_offset, quantize, code_off, scale_off):
-    """Token ``t`` against the weight codes ``p*`` (gate or first row) and
-    ``q*`` of segment ``sg``: ``words`` code words of activation group
-    ``grp`` (at ``code_off`` / ``scale_off`` within the group's codes and
-    scales), into ``g{t}``, ``u{t}``."""
+def _segment(emit, ind, t, sg, load, center, has_offset, quantize):
+    """Token ``t`` against the weight codes ``p0..p3`` (gate or first row)
+    and ``q0..q3`` of segment ``sg``, the 16 columns of activation group
+    ``grp``, into ``g{t}``, ``u{t}``."""
     codes, scales = ("sq", "sa2") if quantize else ("xq", "xa")
-    load = loads[0] if words == 4 else loads[1]
-    wo = f"(xg{t} + grp) * 8{code_off}"
-    hs = ", ".join(f"h{v}" for v in range(words))
-    ls = ", ".join(f"l{v}" for v in range(words))
-    emit(f"{ind}{hs} = {load}({codes}, {wo})")
-    emit(f"{ind}{ls} = {load}({codes}, {wo} + 4)")
-    emit(f"{ind}d, xs, xr, _ = {loads[0]}({scales}, (xg{t} + grp) * 12{scale_off})")
+    emit(f"{ind}h0, h1, h2, h3 = {load}({codes}, (xg{t} + grp) * 8)")
+    emit(f"{ind}l0, l1, l2, l3 = {load}({codes}, (xg{t} + grp) * 8 + 4)")
+    emit(f"{ind}d, xs, xr, _ = {load}({scales}, (xg{t} + grp) * 12)")
     for acc, w in (("ag", "p"), ("au", "q")):
         emit(f"{ind}{acc} = dp4a({w}0, h0, 0)")
-        for v in range(1, words):
+        for v in range(1, 4):
             emit(f"{ind}{acc} = dp4a({w}{v}, h{v}, {acc})")
         emit(f"{ind}{acc} = dp4a({w}0, l0, {acc} << 8)")
-        for v in range(1, words):
+        for v in range(1, 4):
             emit(f"{ind}{acc} = dp4a({w}{v}, l{v}, {acc})")
     cr = f" + float32({center}) * xr" if center else ""
     emit(f"{ind}g{t} += ab[{sg}] * (d * float32(ag){cr})")
@@ -255,21 +247,15 @@ def _segment(emit, ind, t, sg, words, loads, center, has_offset, quantize, code_
         emit(f"{ind}u{t} -= ab[{12 + sg}] * xs")
 
 
-@device_inline
-def _shared_load2(arr, i):
-    """``(arr[i], arr[i + 1])`` of a shared array."""
-    return arr[i], arr[i + 1]
-
-
 def _make(qi: QInfo, gate_up: bool, nt: int, min_blocks: int, by_pair: bool, quantize: bool,
           pairs: bool):
     src = _source(qi.nseg, qi.seglen, gate_up, nt, qi.codes_center, qi.has_offset, by_pair,
                   quantize, pairs)
     ns = dict(cuda=cuda, float32=float32, int64=int64, uint32=uint32, fetch=qi.fetch,
               fetch2=qi.fetch2,
-              affine=qi.affine, codes4=qi.codes4, seg_col=qi.seg_col, load4=load4, load2=load2,
+              affine=qi.affine, codes4=qi.codes4, seg_col=qi.seg_col, load4=load4,
               dp4a=dp4a, seg_sum=seg_sum, silu=silu, quantize_groups=quantize_groups,
-              shared_load4=shared_load4, load2s=_shared_load2)
+              shared_load4=shared_load4)
     exec(compile(src, f"<qgemv {qi.qtype.name} gate_up={gate_up} nt={nt} by_pair={by_pair}"
                       f" quantize={quantize} pairs={pairs}>", "exec"), ns)
     return kernel_jit(launch_bounds=(GEMV_MAX_THREADS, min_blocks))(ns["kernel"])

@@ -112,9 +112,10 @@ def _select_in_shared(sh, skey, wide, sel, lane, n_exp, top_k):
 def _select_in_registers(nv: int):
     """:func:`_select_in_shared` for ``32 * nv`` experts at most, each lane's
     ``nv`` keys in registers, sorted once: a pick is one warp maximum of the
-    lanes' first keys, and the winner shifts its list (no shared-memory
-    rescan; H100, T=1: the eight rounds were half of the kernel's
-    instructions, 178 each)."""
+    lanes' first keys, and the winner shifts its list, with no shared-memory
+    rescan (H100, Qwen3-30B-A3B layer, T=1: the eight rounds were 70 % of
+    the kernel's instructions, about 230 each, now 52; route phase 6.2 ->
+    4.85 us)."""
 
     @cuda.jit(device=True)
     def select(sh, skey, wide, sel, lane, n_exp, top_k):
