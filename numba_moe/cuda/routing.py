@@ -39,9 +39,10 @@ _NEG_INF = float32(-np.inf)
 
 # the selection key of an expert already picked: below every score's key
 _PICKED = int64(-(2**63))
-_kernels = {}
 # dynamic shared memory a block may use without opting in to more
 _SHARED_LIMIT = 48 << 10
+# routing kernels by selection keys a lane (0: keys in shared memory)
+_kernels = {}
 
 
 def warp_words(n_exp: int, n_group: int) -> int:
