@@ -97,6 +97,32 @@ def _probabilities(x, gating, probs):
             probs[e] = x[e]
 
 
+def group_score(sel, base, g, gsize):
+    """Score of group ``g`` of the experts' selection scores ``sel[base :]``
+    (NaN-free float32, groups of ``gsize``): its best score plus its second
+    best (the best alone for groups of one).
+
+    Plain Python, compiled for both devices: by ``njit`` here and as a CUDA
+    device function by :mod:`numba_moe.cuda.routing`, so both rank groups
+    with the same arithmetic.
+    """
+    b1 = np.float32(-np.inf)
+    b2 = np.float32(-np.inf)
+    for e in range(g * gsize, (g + 1) * gsize):
+        v = sel[base + e]
+        if v > b1:
+            b2 = b1
+            b1 = v
+        elif v > b2:
+            b2 = v
+    gs = b1 if gsize == 1 else b1 + b2
+    # +inf + -inf: a group with no usable score ranks last
+    return gs if gs == gs else np.float32(-np.inf)
+
+
+_group_score = njit(cache=True)(group_score)
+
+
 @njit(cache=True)
 def _select_groups(sel, n_group, topk_group, gscore):
     """Mask (``-inf``) every expert outside the ``topk_group`` best groups.
@@ -105,18 +131,7 @@ def _select_groups(sel, n_group, topk_group, gscore):
     """
     gsize = sel.shape[0] // n_group
     for g in range(n_group):
-        b1 = np.float32(-np.inf)
-        b2 = np.float32(-np.inf)
-        for e in range(g * gsize, (g + 1) * gsize):
-            v = sel[e]
-            if v > b1:
-                b2 = b1
-                b1 = v
-            elif v > b2:
-                b2 = v
-        gs = b1 if gsize == 1 else b1 + b2
-        # +inf + -inf: a group with no usable score ranks last
-        gscore[g] = gs if gs == gs else np.float32(-np.inf)
+        gscore[g] = _group_score(sel, 0, g, gsize)
     for _ in range(topk_group):
         best = -1
         bv = np.float32(-np.inf)

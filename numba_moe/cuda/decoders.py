@@ -337,15 +337,24 @@ def kq_seg_col(chunk, s):
 
 
 @device_inline
-def q6k_fetch(wa, wb, wc, wd, row, chunk, nb):
+def _q6k_at(row, chunk, nb):
+    """Word offsets of chunk ``chunk``'s ql words ``l`` and ``u``, its qh and
+    its scales in their planes, and its block."""
     blk = row * nb + (chunk >> 3)
     c = chunk & 7
     n = c >> 2
     g = c & 3
-    l0, l1 = load2(wa, blk * 32 + 16 * n + 2 * g)
-    u0, u1 = load2(wa, blk * 32 + 16 * n + 8 + 2 * g)
-    e0, e1 = load2(wb, blk * 16 + 8 * n + 2 * g)
-    s0, s1 = load2(wc, blk * 4 + 2 * n)
+    return (blk * 32 + 16 * n + 2 * g, blk * 32 + 16 * n + 8 + 2 * g, blk * 16 + 8 * n + 2 * g,
+            blk * 4 + 2 * n, blk)
+
+
+@device_inline
+def q6k_fetch(wa, wb, wc, wd, row, chunk, nb):
+    lo, uo, ho, so, blk = _q6k_at(row, chunk, nb)
+    l0, l1 = load2(wa, lo)
+    u0, u1 = load2(wa, uo)
+    e0, e1 = load2(wb, ho)
+    s0, s1 = load2(wc, so)
     return (l0, l1, u0, u1, e0, e1, s0, s1, float32(wd[blk]))
 
 
@@ -353,14 +362,11 @@ def q6k_fetch(wa, wb, wc, wd, row, chunk, nb):
 def q6k_fetch2(wa, wb, wc, wd, row, chunk, nb):
     # chunks 2m, 2m + 1 of a half (g = 2m, 2m + 1): l = 16m .. 16m + 15,
     # one scale byte a segment for both
-    blk = row * nb + (chunk >> 3)
-    c = chunk & 7
-    n = c >> 2
-    g = c & 3
-    l0, l1, l2, l3 = load4(wa, blk * 32 + 16 * n + 2 * g)
-    u0, u1, u2, u3 = load4(wa, blk * 32 + 16 * n + 8 + 2 * g)
-    e0, e1, e2, e3 = load4(wb, blk * 16 + 8 * n + 2 * g)
-    s0, s1 = load2(wc, blk * 4 + 2 * n)
+    lo, uo, ho, so, blk = _q6k_at(row, chunk, nb)
+    l0, l1, l2, l3 = load4(wa, lo)
+    u0, u1, u2, u3 = load4(wa, uo)
+    e0, e1, e2, e3 = load4(wb, ho)
+    s0, s1 = load2(wc, so)
     d = float32(wd[blk])
     return (l0, l1, u0, u1, e0, e1, s0, s1, d), (l2, l3, u2, u3, e2, e3, s0, s1, d)
 

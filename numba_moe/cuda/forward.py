@@ -386,7 +386,8 @@ class CudaMoE:
         # about one token an expert: the routing's ids serve as the plan
         by_pair = small and p <= CUDA_LAUNCH.pair_slots_max_mean * e
         plan_r = b.pairs if by_pair else b.plan
-        # few pairs: the down GEMV's blocks quantize their rows themselves
+        # by pair slot (up to gemv_quantize_max_pairs pairs): the down GEMV's
+        # blocks quantize their rows themselves
         quantize_in = by_pair and uses_codes(self.down, True) \
             and p <= CUDA_LAUNCH.gemv_quantize_max_pairs and quantize_fits(self.down.chunks)
         slots = p if by_pair else min(e, p)

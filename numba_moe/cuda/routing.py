@@ -21,7 +21,7 @@ import numpy as np
 from numba import cuda, float32, float64, int32, int64
 
 from ..errors import MoEError
-from ..routing import GATINGS, RouterOutput, _check_params
+from ..routing import GATINGS, RouterOutput, _check_params, group_score
 from .primitives import f32_bits, warp_argmax, warp_max64, warp_sum64, warp_sync
 
 __all__ = ["topk_route", "launch_topk", "topk_kernel", "warp_words", "block_warps",
@@ -43,6 +43,8 @@ _PICKED = int64(-(2**63))
 _SHARED_LIMIT = 48 << 10
 # routing kernels by selection keys a lane (0: keys in shared memory)
 _kernels = {}
+# the CPU router's group score, as a device function
+_group_score = cuda.jit(device=True)(group_score)
 
 
 def warp_words(n_exp: int, n_group: int) -> int:
@@ -211,18 +213,7 @@ def _make_route_token(nv: int):
         if n_group > 1:
             gsize = n_exp // n_group
             for g in range(lane, n_group, 32):
-                b1 = _NEG_INF
-                b2 = _NEG_INF
-                for e in range(g * gsize, (g + 1) * gsize):
-                    v = sh[sel + e]
-                    if v > b1:
-                        b2 = b1
-                        b1 = v
-                    elif v > b2:
-                        b2 = v
-                gs = b1 if gsize == 1 else b1 + b2
-                # +inf + -inf: a group with no usable score ranks last
-                sh[gsc + g] = gs if gs == gs else _NEG_INF
+                sh[gsc + g] = _group_score(sh, sel, g, gsize)
             warp_sync()
             for _ in range(topk_group):
                 bv = _NEG_INF
