@@ -612,6 +612,27 @@ def test_combine_matches_reference(t, k, width):
     assert _rel(got, ref) < 1e-6
 
 
+@pytest.mark.parametrize("t,k,width",
+                         [(3, 2, 8), (2, 3, 8)] + ([] if SIMULATOR else [(9, 8, 2048)]))
+def test_combine_by_pair_reads_slot_of_each_pair(t, k, width):
+    # the plan of one slot per pair: pair p in slot p, pairs_by_token not read
+    # (poisoned here); a kernel of its own for each K, its pair loop unrolled
+    from numba_moe.config import CUDA_LAUNCH
+    from numba_moe.cuda.combine import SHARED_NONE, combine_kernel, launch_combine
+
+    rng = np.random.default_rng(t * k)
+    rows = rng.standard_normal((t * k, width)).astype(np.float32)
+    w = rng.random((t, k)).astype(np.float32)
+    out = _poison((t, width), np.float32)
+    d_rows, d_w = cuda.to_device(rows.ravel()), cuda.to_device(w.ravel())
+    launch_combine(d_rows, _poison(t * k, np.int32), d_w, t, k, width, SHARED_NONE, d_rows, d_w,
+                   0, 0, out.reshape(out.size), CUDA_LAUNCH.threads, 0, by_pair=True)
+    ref = np.einsum("tk,tkh->th", w.astype(np.float64),
+                    rows.reshape(t, k, width).astype(np.float64))
+    assert _rel(out.copy_to_host(), ref) < 1e-6
+    assert combine_kernel(k) is not combine_kernel(0)
+
+
 def test_combine_rejects_bad_slots():
     with pytest.raises(MoEError, match="pairs_by_token"):
         combine(np.zeros((2, 4), np.float32), np.array([[0, 2]], np.int32),

@@ -473,7 +473,7 @@ class CudaMoE:
         def combine():
             launch_combine(b.rows, plan_r.pairs_by_token, b.weights, n_tok, k, self.hidden,
                            self.shared_mode, b.sh_rows, b.logits, self.lstride, e, b.out,
-                           CUDA_LAUNCH.threads, s)
+                           CUDA_LAUNCH.threads, s, by_pair)
 
         out = [("router", router), ("route", topk)] + ([] if by_pair else [("plan", plan)])
         out += [("gemm1", gemm1), ("gemm2", gemm2)]

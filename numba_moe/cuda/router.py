@@ -9,7 +9,10 @@ the row's columns (one 16-byte load each per step), multiply them with
 read once per pass of tokens; the activations come from L2.
 
 The same launch also writes the 16-bit codes of ``x`` (:mod:`.actquant`)
-when the experts' GEMV needs them: one launch less in a decode step.
+when the experts' GEMV needs them: one launch less in a decode step.  Blocks
+of their own (past the router's rows) do that, so that its loads run beside
+the logits' instead of after them in every block (H100, Qwen3-30B-A3B
+router, T=1: 4.5 -> 3.2 us).
 """
 from __future__ import annotations
 
@@ -26,12 +29,17 @@ _MAX_WARPS = 32
 
 
 @cuda.jit
-def _router_kernel(w, x, n_tok, cols, lstride, logits, n_groups, xq, xa):
-    """``logits[t * lstride + r] = w[r] . x[t]`` for ``r = blockIdx.x``; then
-    the grid quantizes the ``n_groups`` activation groups of ``x``."""
+def _router_kernel(w, x, n_tok, rows, cols, lstride, logits, n_groups, xq, xa):
+    """``logits[t * lstride + r] = w[r] . x[t]`` for ``r = blockIdx.x <
+    rows``; the blocks past ``rows`` quantize the ``n_groups`` activation
+    groups of ``x``."""
     r = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
+    if r >= rows:
+        quantize_groups(x, (r - rows) * nthreads + tid, (cuda.gridDim.x - rows) * nthreads,
+                        n_groups, xq, xa)
+        return
     lane = tid & 31
     warp = tid >> 5
     part = cuda.shared.array((_MAX_WARPS, TOKENS), float32)
@@ -58,7 +66,6 @@ def _router_kernel(w, x, n_tok, cols, lstride, logits, n_groups, xq, xa):
                 s += part[k, tid]
             logits[int64(t0 + tid) * lstride + r] = s
         cuda.syncthreads()
-    quantize_groups(x, cuda.grid(1), cuda.gridsize(1), n_groups, xq, xa)
 
 
 def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream,
@@ -76,12 +83,14 @@ def launch_router(w, x, n_tok, rows, cols, lstride, logits, threads, stream,
         Block size, a multiple of 32, at most 1024.
     codes : (xq, xa), optional
         Device buffers of :func:`.actquant.quantized_sizes` ``(n_tok * cols)``:
-        also quantize ``x`` into them, as :func:`.actquant.launch_quantize`.
+        also quantize ``x`` into them, as :func:`.actquant.launch_quantize`
+        (in ``n_tok * cols / 16 / threads`` more blocks, a group a thread).
     """
     if codes is None:
         # no groups to quantize: the code buffers are never touched
-        _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits, 0, logits,
-                                              logits)
+        _router_kernel[rows, threads, stream](w, x, n_tok, rows, cols, lstride, logits, 0,
+                                              logits, logits)
         return
-    _router_kernel[rows, threads, stream](w, x, n_tok, cols, lstride, logits,
-                                          n_tok * cols // GROUP, *codes)
+    n_groups = n_tok * cols // GROUP
+    _router_kernel[rows + -(-n_groups // threads), threads, stream](
+        w, x, n_tok, rows, cols, lstride, logits, n_groups, *codes)
