@@ -42,8 +42,9 @@ def combine_kernel(unroll_k: int):
     one slot per pair of a decode step (pair ``p`` in slot ``p``,
     ``pairs_by_token`` and ``top_k`` not read) with K a constant, so that
     the loop over the pairs is unrolled and their loads are all in flight
-    at once, one round of loads instead of three (H100, K = 8, 2048 columns:
-    T=1 3.0 -> 2.0 us).  Many tokens gain nothing from it (T=512 7.5 ->
+    at once: one round of loads instead of four (K = 8 in a loop unrolled by
+    4, each pass a slot's load, then its row's; H100, 2048 columns, T=1
+    3.0 -> 2.0 us).  Many tokens gain nothing from it (T=512 7.5 ->
     9.6 us).
     """
     if unroll_k not in _kernels:
