@@ -466,6 +466,42 @@ def test_fp16_down_takes_plan_blocks_in_parts(monkeypatch):
     assert built == [(8, 1)]
 
 
+def _check_down_eight_warps(tile, monkeypatch):
+    # 144 rows make a full row block of 128 and a partial one; 5 pairs on 2
+    # experts fill the token blocks partly.  A row or token taken twice or
+    # never leaves NaN poison or a wrong row.
+    import numba_moe.cuda.matmul as matmul
+
+    monkeypatch.setattr(CUDA_LAUNCH, "tile_m", tile)
+    monkeypatch.setattr(CUDA_LAUNCH, "tile_m_small", tile)
+    monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", tile)
+    built = []
+    make = matmul.hmma_kernel
+    monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
+    _check_gemm(Q.Q6_K, "tiled", False, 2, 144, 256, 5, 1, seed=14)
+    assert built == [(tile, 0)]
+
+
+def test_fp16_down_blocks_of_eight_warps(monkeypatch):
+    # blocks of 8 warps (what down projections with 32-token tiles take), here
+    # on 8-token tiles: the simulator runs 32-token ones too slowly
+    import numba_moe.cuda.hmma as hmma
+
+    monkeypatch.setattr(hmma, "_cache", {})
+    monkeypatch.setattr(hmma, "block_warps", lambda tile_m, gate_up: 4 if gate_up else 8)
+    _check_down_eight_warps(8, monkeypatch)
+
+
+@gpu_only
+@pytest.mark.cuda
+def test_fp16_down_32_token_tiles_take_eight_warps(monkeypatch):
+    import numba_moe.cuda.hmma as hmma
+
+    assert hmma.block_warps(32, False) == 8 and hmma.block_warps(16, False) == 4
+    assert hmma.block_warps(32, True) == 4
+    _check_down_eight_warps(32, monkeypatch)
+
+
 def test_down_parts_only_by_powers_of_two(monkeypatch):
     from numba_moe.cuda.matmul import down_parts
 

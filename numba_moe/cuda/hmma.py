@@ -40,7 +40,8 @@ units of ``D``, the last nonzero ``d`` of the row so far (a block with ``d =
 Token block ``mb``, row block ``rb`` (:func:`~.mma.tile_head`): tokens
 ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]`` of expert
 ``block_expert[mb]`` times 64 weight rows (and the 64 matching up
-rows in ``gate_up`` mode), 4 warps of 16 rows; a warp holds all ``tile_m``
+rows in ``gate_up`` mode), 4 warps of 16 rows (down projections with
+32-token tiles: 128 rows, 8 warps, :func:`block_warps`); a warp holds all ``tile_m``
 tokens as ``tile_m / 8`` mma tiles.  Lane ``(g, i)`` reads the weight word
 of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g + 8`` per step and
 unpacks it into two fp16 pairs with the exponent trick ``half(0x6400 | n) =
@@ -72,13 +73,14 @@ import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
 from .decoders import _B1, _B2, _B4, _pick4, kq_scale_min, kq_scale_words
-from .mma import WARPS, tile_head
+from .mma import WARPS, mma_layout, tile_head
 from .primitives import cp_async16, cp_async_commit, cp_async_wait1, device_inline, half2_f32
 from .primitives import hfma2, load1, load4, mma_f16, mma_f16_k8, pack_half2, prmt
 from .primitives import shared_load4, silu
 from .primitives import kernel as kernel_jit
 
-__all__ = ["TYPES", "STREAMS", "stage_steps", "min_blocks", "rescaled", "hmma_kernel"]
+__all__ = ["TYPES", "STREAMS", "stage_steps", "block_warps", "min_blocks", "rescaled",
+           "hmma_kernel", "hmma_layout"]
 
 Q = gguf.GGMLQuantizationType
 #: Weight types this kernel reads.
@@ -95,17 +97,45 @@ STREAMS = {Q.Q4_K: (("w", "_q4k_word", 0, 4, 2, 36, 4),),
 SS = 12
 
 
-def min_blocks(tile_m: int, gate_up: bool) -> int:
-    """Register budget: 128-thread blocks a multiprocessor must fit.
+def block_warps(tile_m: int, gate_up: bool) -> int:
+    """Warps a block (16 weight rows each): 8 for the down projection with
+    tiles of 32 tokens or more, else :data:`~numba_moe.cuda.mma.WARPS` (4).
 
-    Kernels with few accumulators take 4 blocks (128 registers: more warps
-    to hide latency), larger ones 3 (170).  H100, whole forward with the
+    A block stages its tokens' activations (fp16 pairs, 4 bytes a value)
+    for all the rows it computes; down rows are only 768 values, so a
+    32-token tile's 96 KB of activations against 64 rows' 40 KB of Q6_K
+    weights dominated what a block reads.  128 rows a block halve it.  H100,
+    Qwen3-30B-A3B layer, 4 / 8 warps (two rounds, one process): down phase
+    T=512 (tiles of 32) 385 / 313-318 us, T=4096 (64-token plan blocks in
+    parts of 32) 1491 / 1434-1448; T=64 (tiles of 8) 111.9 / 114.5; the
+    gate / up kernel lost with 8 (T=512 436-447 / 471-479, T=4096 1619-1638
+    / 1725; its rows are 2048 values, and it holds gate and up rows).
+    """
+    return 8 if not gate_up and tile_m >= 32 else WARPS
+
+
+def hmma_layout(rows: int, tile_m: int, gate_up: bool):
+    """``(threads, n_blocks)`` of a launch of :func:`hmma_kernel` for ``rows``
+    output rows (:func:`~numba_moe.cuda.mma.mma_layout` with
+    :func:`block_warps` warps)."""
+    return mma_layout(rows, block_warps(tile_m, gate_up))
+
+
+def min_blocks(tile_m: int, gate_up: bool) -> int:
+    """Register budget: blocks of :func:`block_warps` warps a multiprocessor
+    must fit.
+
+    Kernels with few accumulators take 4 blocks of 4 warps (128 registers:
+    more warps to hide latency), larger ones 3 (170); blocks of 8 warps 2
+    (128 registers).  H100, whole forward with the
     session-6 kernels: T=64 (tile 8) 377 / 407 us at 4 / 5 blocks, T=128
     (tile 16) 446 / 518; T=512 (tile 32) gate / up 404 / 439 us at 3 / 4,
     down 359 / 324.  (Session 4: T=64 600 / 568 / 571 / 605 at 3 / 4 / 5 /
     6, T=256 (tile 32) 868 / 910 / 1235 at 3 / 4 / 5, T=512 (tile 64) 1277 /
     1298 / 1636.)
     """
+    if block_warps(tile_m, gate_up) == 8:
+        return 2
     return 4 if tile_m <= 16 or (tile_m <= 32 and not gate_up) else 3
 
 
@@ -149,7 +179,7 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int, part_shift: int = 0):
 
     Signature::
 
-        kernel[m_blocks * n_blocks, 32 * WARPS, stream](
+        kernel[m_blocks * n_blocks, 32 * block_warps(tile_m, gate_up), stream](
             wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xs, cols,
             num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast)
 
@@ -157,8 +187,7 @@ def hmma_kernel(qtype, gate_up: bool, tile_m: int, part_shift: int = 0):
     ``hsum``, ``xs``: the input rows split by :mod:`.actsplit`; input row of
     pair ``p``: token ``p // top_k`` (gate_up) or slot ``pairs_by_token[p]``
     (plain); output row: that slot.  ``tile_m`` (a multiple of 8) is the
-    plan's block size; ``n_blocks`` and the block size as for the integer
-    kernel (:func:`~numba_moe.cuda.mma.mma_layout`); ``row_fast`` the block
+    plan's block size; ``n_blocks`` from :func:`hmma_layout`; ``row_fast`` the block
     order (:func:`~numba_moe.cuda.mma.row_blocks_fast`).  With ``part_shift``
     the plan's blocks are ``2**part_shift`` times ``tile_m`` tokens, each
     taken in that many parts (``m_blocks`` counts parts;
@@ -262,7 +291,8 @@ def _source(q4: bool, tile_m: int, gate_up: bool, part_shift: int) -> str:
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast):""")
-    emit(tile_head(tile_m, gate_up, True, part_shift))
+    warps = block_warps(tile_m, gate_up)
+    emit(tile_head(tile_m, gate_up, True, part_shift, warps))
     emit(f"""    n_stages = n_steps // {st}
     # two stage buffers: the next stage copies in (cp.async) while this one computes
     xs = cuda.shared.array({2 * tile_m * xsw}, uint32)""")
@@ -272,7 +302,7 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
     # A stage is `per` 16-byte copies a token row; thread tid copies number
     # cu / 4 of rows cm + k * rpp (its rows and columns fixed: no index
     # arithmetic but the stage's offset a copy); ``xoff_s``: input row offsets.
-    nt = 32 * WARPS
+    nt = 32 * warps
     per = 4 * st
     assert nt % per == 0 and tile_m * per % nt == 0
     rpp = nt // per
@@ -491,4 +521,5 @@ def _make(qtype, gate_up: bool, tile_m: int, part_shift: int):
               cp_async_commit=cp_async_commit, cp_async_wait1=cp_async_wait1)
     exec(compile(src, f"<hmma {qtype.name} gate_up={gate_up} tile_m={tile_m}"
                       f" part_shift={part_shift}>", "exec"), ns)
-    return kernel_jit(launch_bounds=(32 * WARPS, min_blocks(tile_m, gate_up)))(ns["kernel"])
+    return kernel_jit(launch_bounds=(32 * block_warps(tile_m, gate_up),
+                                     min_blocks(tile_m, gate_up)))(ns["kernel"])

@@ -12,7 +12,7 @@ from .actsplit import launch_split, split_sizes
 from .gemm import MAX_TOKENS_PER_PASS, gemv_kernel, gemv_layout, tiled_kernel, tiled_layout
 from .gemm import tokens_per_pass as tokens_per_pass_for
 from .hmma import TYPES as HMMA_TYPES
-from .hmma import hmma_kernel
+from .hmma import hmma_kernel, hmma_layout
 from .mma import mma_kernel, mma_layout, row_blocks_fast
 from .plan import DevicePlan, plan_capacity, plan_device
 from .primitives import SIMULATOR
@@ -123,7 +123,7 @@ def launch_expert_gemm(w: DeviceWeights, v, x, plan: DevicePlan, expert_slots: i
     if uses_split(w, small):
         parts = 1 if gate_up else down_parts(tile_m)
         kern = hmma_kernel(w.qtype, gate_up, tile_m // parts, parts.bit_length() - 1)
-        threads, n_blocks = mma_layout(w.rows)
+        threads, n_blocks = hmma_layout(w.rows, tile_m // parts, gate_up)
         kern[m_blocks * parts * n_blocks, threads, stream](
             *w.planes, *vplanes, w.nb, w.cols // 16, w.rows, *codes, w.cols, num_pairs,
             top_k, plan.sorted_ids, plan.block_expert, plan.meta, plan.pairs_by_token, out,

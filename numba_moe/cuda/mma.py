@@ -37,11 +37,11 @@ from .decoders import QInfo
 from .primitives import kernel as kernel_jit
 from .primitives import load4, mma_s8_k32, shared_load4, silu
 
-__all__ = ["WARPS", "ROWS", "mma_kernel", "mma_layout", "tile_head"]
+__all__ = ["WARPS", "mma_kernel", "mma_layout", "tile_head"]
 
-#: Warps a block, and weight rows a block (16 a warp).
+#: Warps a block (16 weight rows each) of this kernel, and the default of
+#: the fp16 one (:func:`numba_moe.cuda.hmma.block_warps`).
 WARPS = 4
-ROWS = 16 * WARPS
 
 #: Steps (16 columns each) of activation codes a block stages in shared memory at a time.
 STAGE = 8
@@ -76,9 +76,10 @@ def mma_kernel(qi: QInfo, gate_up: bool, tile_m: int):
     return _cache[key]
 
 
-def mma_layout(rows: int):
-    """``(threads, n_blocks)`` of the launch for ``rows`` output rows."""
-    return 32 * WARPS, -(-rows // ROWS)
+def mma_layout(rows: int, warps: int = WARPS):
+    """``(threads, n_blocks)`` of the launch for ``rows`` output rows, blocks
+    of ``warps`` warps (16 rows each)."""
+    return 32 * warps, -(-rows // (16 * warps))
 
 
 def row_blocks_fast(act_bytes: int) -> bool:
@@ -98,7 +99,8 @@ def row_blocks_fast(act_bytes: int) -> bool:
     return act_bytes > CUDA_LAUNCH.row_fast_bytes
 
 
-def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0) -> str:
+def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0,
+              warps: int = WARPS) -> str:
     """Opening lines of a tensor-core kernel body (this one's and :mod:`.hmma`'s).
 
     The block's expert ``e`` (the block exits past the padded run; with
@@ -108,14 +110,15 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0) -> 
     ``(g, i)``, each of its ``tile_m`` tokens' input row ``xrow_s`` and output
     row ``orow_s`` (-1: padding) in shared memory (with ``scales`` also the
     input row's ``xsc`` entry, ``xsc_s``), and the warp's weight rows ``r0``,
-    ``r1`` (global ``row0``, ``row1``).
+    ``r1`` (global ``row0``, ``row1``), blocks of ``warps`` warps of 16 rows.
 
     The grid is one-dimensional, ``m_blocks * n_blocks`` blocks; with
     ``row_fast`` block ``b`` takes row block ``b % n_blocks`` of token block
     ``b // n_blocks`` (see :func:`row_blocks_fast`), else token block ``b %
     m_blocks`` of row block ``b // m_blocks``.
     """
-    src = f"""    nrb = (rows + {ROWS - 1}) // {ROWS}
+    rows_b = 16 * warps
+    src = f"""    nrb = (rows + {rows_b - 1}) // {rows_b}
     nmb = cuda.gridDim.x // nrb
     if row_fast:
         mb = cuda.blockIdx.x // nrb
@@ -152,7 +155,7 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0) -> 
         xsc_s[m] = xsc[xr]"""
     return src + f"""
     cuda.syncthreads()
-    r0 = rb * {ROWS} + (tid >> 5) * 16 + g
+    r0 = rb * {rows_b} + (tid >> 5) * 16 + g
     r1 = r0 + 8
     # rows past the end read the last row (valid memory) and write nothing
     row0 = int64(e) * rows + min(r0, rows - 1)
