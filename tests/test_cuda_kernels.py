@@ -473,7 +473,6 @@ def _check_down_eight_warps(tile, monkeypatch):
     import numba_moe.cuda.matmul as matmul
 
     monkeypatch.setattr(CUDA_LAUNCH, "tile_m", tile)
-    monkeypatch.setattr(CUDA_LAUNCH, "tile_m_small", tile)
     monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", tile)
     built = []
     make = matmul.hmma_kernel
