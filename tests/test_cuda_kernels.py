@@ -470,8 +470,11 @@ def _check_down_eight_warps(tile, monkeypatch):
     # 144 rows make a full row block of 128 and a partial one; 5 pairs on 2
     # experts fill the token blocks partly.  A row or token taken twice or
     # never leaves NaN poison or a wrong row.
+    import numba_moe.cuda.hmma as hmma
     import numba_moe.cuda.matmul as matmul
 
+    # the launch the kernel gets: 256 threads, two row blocks
+    assert hmma.hmma_layout(144, tile, False) == (256, 2)
     monkeypatch.setattr(CUDA_LAUNCH, "tile_m", tile)
     monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", tile)
     built = []
