@@ -7,6 +7,11 @@ For each token count T it prints, in one run on one card:
 
 * ``ours``: device time of one forward (router, top-k, plan, both GEMMs,
   combine) replayed from its CUDA graph, CUDA events, median of many;
+* ``cold``: the same with the L2 cache flushed before each replay
+  (:class:`~numba_moe.bench.CacheFlush`), as a model's next layer finds
+  it: back-to-back replays of one input find up to 50 MB of its experts
+  still in an H100's L2 (all of them at T=1), a cache state that a real
+  decode never sees.  Both columns are reported, and vLLM's ratio against each;
 * ``call``: host wall time of a whole ``layer(x_dev, device="cuda")`` call
   (input copy, graph launch, synchronize);
 * ``floor``: bytes of the distinct experts the batch touches (plus the
@@ -35,7 +40,7 @@ import numpy as np
 from numba import cuda
 
 import numba_moe as nm
-from numba_moe.bench import QWEN3_30B_A3B, cuda_copy_bandwidth, cuda_event_seconds
+from numba_moe.bench import QWEN3_30B_A3B, CacheFlush, cuda_copy_bandwidth, cuda_event_seconds
 from numba_moe.config import CUDA_LAUNCH
 from numba_moe.cuda.graph import CapturedGraph
 
@@ -44,9 +49,11 @@ H, I, K = (QWEN3_30B_A3B[k] for k in ("hidden_size", "expert_intermediate", "top
 VLLM_US = {1: 44, 4: 113, 16: 283, 64: 424, 512: 476, 4096: 940}
 
 
-def time_graph(st, t, reps) -> float:
-    """Median device seconds of one graph replay for T=t (graph already captured)."""
-    return cuda_event_seconds(st.graphs[t].replay, reps, st.stream)
+def time_graph(st, t, reps, flush=None) -> float:
+    """Median device seconds of one graph replay for T=t (graph already
+    captured); with ``flush`` (a :class:`~numba_moe.bench.CacheFlush`) the L2
+    cache is flushed before each."""
+    return cuda_event_seconds(st.graphs[t].replay, reps, st.stream, before=flush)
 
 
 def time_call(layer, d_x, reps) -> float:
@@ -112,6 +119,7 @@ def main(argv=None):
     bw = cuda_copy_bandwidth()
     print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     per_expert = sum(w.expert_nbytes() for w in (st.gate, st.up, st.down))
+    flush = CacheFlush(st.stream)
     rng = np.random.default_rng(1)
     rows = []
     for t in args.tokens:
@@ -123,10 +131,12 @@ def main(argv=None):
         layer(d_x, device="cuda")          # eager warm-up + capture
         layer(d_x, device="cuda")
         ours = time_graph(st, t, args.reps)
+        cold = time_graph(st, t, args.reps, flush)
         call = time_call(layer, d_x, max(5, args.reps // 5))
         floor = nbytes / bw
         vllm = VLLM_US.get(t)
-        rows.append((t, experts, ours, call, floor, nbytes / ours / 1e9, flops / ours / 1e12, vllm))
+        rows.append((t, experts, ours, cold, call, floor, nbytes / ours / 1e9, flops / ours / 1e12,
+                     vllm))
         if args.phases:
             ph = phase_times(st, t)
             print(f"T={t}: " + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in ph.items())
@@ -142,12 +152,14 @@ def main(argv=None):
             CUDA_LAUNCH.gemv_max_tokens, CUDA_LAUNCH.gemv_max_tokens_fp16 = saved
             st.graphs.clear()
     print()
-    print(f"{'T':>5} {'experts':>7} {'ours us':>9} {'call us':>9} {'floor us':>9} "
-          f"{'GB/s':>7} {'TFLOP/s':>8} {'vLLM us':>8} {'vLLM/ours':>9}")
-    for t, ex, ours, call, floor, gbs, tf, vllm in rows:
-        ratio = f"{vllm / (ours * 1e6):9.2f}" if vllm else f"{'-':>9}"
-        print(f"{t:5d} {ex:7d} {ours * 1e6:9.1f} {call * 1e6:9.1f} {floor * 1e6:9.1f} "
-              f"{gbs:7.0f} {tf:8.2f} {vllm or '-':>8} {ratio}")
+    print(f"{'T':>5} {'experts':>7} {'ours us':>9} {'cold us':>9} {'call us':>9} "
+          f"{'floor us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'vLLM us':>8} {'vLLM/ours':>9} "
+          f"{'vLLM/cold':>9}")
+    for t, ex, ours, cold, call, floor, gbs, tf, vllm in rows:
+        ratios = "".join(f"{vllm / (v * 1e6):10.2f}" if vllm else f"{'-':>10}"
+                         for v in (ours, cold))
+        print(f"{t:5d} {ex:7d} {ours * 1e6:9.1f} {cold * 1e6:9.1f} {call * 1e6:9.1f} "
+              f"{floor * 1e6:9.1f} {gbs:7.0f} {tf:8.2f} {vllm or '-':>8}{ratios}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["QWEN3_30B_A3B", "stream_bandwidth", "cuda_event_seconds", "cuda_copy_bandwidth", "numpy_forward", "median_time", "bench_rows",
+__all__ = ["QWEN3_30B_A3B", "stream_bandwidth", "cuda_event_seconds", "CacheFlush",
+           "cuda_copy_bandwidth", "numpy_forward", "median_time", "bench_rows",
            "markdown_table", "run_cli_bench"]
 
 #: The reference workload of SPEC §6: one Qwen3-30B-A3B MoE layer as Q4_K_M holds it.
@@ -60,16 +61,20 @@ def stream_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return a.nbytes / best
 
 
-def cuda_event_seconds(fn, reps: int, stream=0, inner: int = 1) -> float:
+def cuda_event_seconds(fn, reps: int, stream=0, inner: int = 1, before=None) -> float:
     """Median device seconds of ``fn()`` between two CUDA events on ``stream``.
 
     ``fn`` is timed ``reps`` times; with ``inner > 1`` it is assumed to run the
     measured work ``inner`` times back to back, and the time is divided by it.
+    ``before()``, if given, runs ahead of each timing, outside the events
+    (e.g. a :class:`CacheFlush`).
     """
     from numba import cuda
 
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         a, b = cuda.event(), cuda.event()
         a.record(stream)
         fn()
@@ -77,6 +82,28 @@ def cuda_event_seconds(fn, reps: int, stream=0, inner: int = 1) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / inner)
     return float(np.median(times))
+
+
+class CacheFlush:
+    """A device copy of ``nbytes`` on ``stream``, to evict the GPU's L2 cache
+    between timings: calling the object enqueues it.
+
+    Replaying one forward on one input leaves that input's experts in L2
+    for the next replay (an H100 holds 50 MB: all of a Qwen3-30B-A3B
+    layer's experts up to a few tokens), which a model's next layer,
+    whose weights are others, never finds.  The default 256 MB is over
+    twice the L2 of any current NVIDIA GPU.
+    """
+
+    def __init__(self, stream, nbytes: int = 256 << 20):
+        from numba import cuda
+
+        self._src = cuda.device_array(nbytes, dtype=np.uint8, stream=stream)
+        self._dst = cuda.device_array(nbytes, dtype=np.uint8, stream=stream)
+        self._stream = stream
+
+    def __call__(self) -> None:
+        self._dst.copy_to_device(self._src, stream=self._stream)
 
 
 def cuda_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:

@@ -676,3 +676,27 @@ def test_combine_rejects_bad_slots():
     with pytest.raises(MoEError, match="pairs_by_token"):
         combine(np.zeros((2, 4), np.float32), np.array([[0, 2]], np.int32),
                 np.ones((1, 2), np.float32))
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_cache_flush_runs_before_each_timing():
+    # benchmarks/bench_cuda.py times cold-L2 replays this way: the flush (a
+    # device copy on the timed stream) is enqueued ahead of each timing,
+    # outside its events
+    from numba_moe.bench import CacheFlush, cuda_event_seconds
+
+    stream = cuda.stream()
+    flush = CacheFlush(stream, 4096)
+    src = np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8)
+    flush._src.copy_to_device(src, stream=stream)
+    calls = []
+
+    def before():
+        calls.append("flush")
+        flush()
+
+    cuda_event_seconds(lambda: calls.append("fn"), 3, stream, before=before)
+    assert calls == ["flush", "fn"] * 3
+    assert np.array_equal(flush._dst.copy_to_host(stream=stream), src)
