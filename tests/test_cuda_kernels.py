@@ -491,7 +491,30 @@ def test_fp16_down_blocks_of_eight_warps(monkeypatch):
 
     monkeypatch.setattr(hmma, "_cache", {})
     monkeypatch.setattr(hmma, "block_warps", lambda tile_m, gate_up: 4 if gate_up else 8)
+    monkeypatch.setattr(hmma, "row_tiles", lambda tile_m, gate_up: 1)
     _check_down_eight_warps(8, monkeypatch)
+
+
+def test_fp16_down_small_tiles_two_row_tiles(monkeypatch):
+    # down projections with 8- and 16-token tiles: warps of two 16-row tiles,
+    # 128 rows a block of 4 warps.  144 rows make a full row block and one
+    # of 16 rows, whose warp reads rows past the end in its second tile; 5
+    # pairs on 2 experts fill the token blocks partly.  A row or token taken
+    # twice or never leaves NaN poison or a wrong row.
+    import numba_moe.cuda.hmma as hmma
+    import numba_moe.cuda.matmul as matmul
+
+    assert [hmma.row_tiles(t, False) for t in (8, 16, 32)] == [2, 2, 1]
+    assert hmma.row_tiles(8, True) == hmma.row_tiles(16, True) == 1
+    assert hmma.hmma_layout(144, 8, False) == (128, 2)
+    assert hmma.min_blocks(8, False) == 3
+    monkeypatch.setattr(CUDA_LAUNCH, "tile_m", 8)
+    monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", 8)
+    built = []
+    make = matmul.hmma_kernel
+    monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
+    _check_gemm(Q.Q6_K, "tiled", False, 2, 144, 256, 5, 1, seed=15)
+    assert built == [(8, 0)]
 
 
 @gpu_only

@@ -41,9 +41,11 @@ Token block ``mb``, row block ``rb`` (:func:`~.mma.tile_head`): tokens
 ``sorted_ids[mb * tile_m : (mb + 1) * tile_m]`` of expert
 ``block_expert[mb]`` times 64 weight rows (and the 64 matching up
 rows in ``gate_up`` mode), 4 warps of 16 rows (down projections with
-32-token tiles: 128 rows, 8 warps, :func:`block_warps`); a warp holds all ``tile_m``
-tokens as ``tile_m / 8`` mma tiles.  Lane ``(g, i)`` reads the weight word
-of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g + 8`` per step and
+32-token tiles: 128 rows, 8 warps, :func:`block_warps`; with 8- or 16-token
+tiles: 128 rows, 4 warps of two 16-row tiles, :func:`row_tiles`); a warp
+holds all ``tile_m`` tokens as ``tile_m / 8`` mma tiles.  Lane ``(g, i)``
+reads the weight word of columns ``4i .. 4i + 3`` of its rows ``g`` and ``g
++ 8`` (and ``g + 16``, ``g + 24``) per step and
 unpacks it into two fp16 pairs with the exponent trick ``half(0x6400 | n) =
 1024 + n`` and one ``fma.f16x2`` that subtracts the 1024 and multiplies by
 the scale (exact: one rounding of an exact integer).  The block's
@@ -98,8 +100,9 @@ SS = 12
 
 
 def block_warps(tile_m: int, gate_up: bool) -> int:
-    """Warps a block (16 weight rows each): 8 for the down projection with
-    tiles of 32 tokens or more, else :data:`~numba_moe.cuda.mma.WARPS` (4).
+    """Warps a block (16 weight rows each, a row tile; :func:`row_tiles`): 8
+    for the down projection with tiles of 32 tokens or more, else
+    :data:`~numba_moe.cuda.mma.WARPS` (4).
 
     A block stages its tokens' activations (fp16 pairs, 4 bytes a value)
     for all the rows it computes; down rows are only 768 values, so a
@@ -114,11 +117,30 @@ def block_warps(tile_m: int, gate_up: bool) -> int:
     return 8 if not gate_up and tile_m >= 32 else WARPS
 
 
+def row_tiles(tile_m: int, gate_up: bool) -> int:
+    """16-row tiles a warp holds: 2 (32 weight rows) for the down projection
+    with tiles of 8 or 16 tokens, else 1.
+
+    Each 16-byte shared load of a token tile's activations then feeds the
+    products of both row tiles.  Offline ptxas (sm_90, 3 blocks of 4
+    warps): 167-168 registers, no spills.  H100, Qwen3-30B-A3B layer, one
+    process, three rounds, down phase / whole forward, 1 / 2 row tiles:
+    T=32 (tiles of 8) 76.4 / 68.6 us, 322-323 / 307-308; T=64 (8) 122.4 /
+    112.6, 324-325 / 314-315; T=96 (16) 173.3 / 145.6, 417-424 / 393-394;
+    T=128 (16) 191.4 / 163.3, 393-395 / 379-391.  Slower elsewhere: the
+    down projection with 32-token tiles (its 8-warp blocks, T=512 down
+    phase 310 / 317-335 us) and gate / up kernels, whose two row tiles hold
+    twice the accumulators and spill (T=64 gate / up 143 / 146 us, T=512
+    429 / 469).
+    """
+    return 2 if not gate_up and tile_m <= 16 else 1
+
+
 def hmma_layout(rows: int, tile_m: int, gate_up: bool):
     """``(threads, n_blocks)`` of a launch of :func:`hmma_kernel` for ``rows``
     output rows (:func:`~numba_moe.cuda.mma.mma_layout` with
-    :func:`block_warps` warps)."""
-    return mma_layout(rows, block_warps(tile_m, gate_up))
+    :func:`block_warps` warps of :func:`row_tiles` row tiles)."""
+    return mma_layout(rows, block_warps(tile_m, gate_up), row_tiles(tile_m, gate_up))
 
 
 def min_blocks(tile_m: int, gate_up: bool) -> int:
@@ -126,8 +148,8 @@ def min_blocks(tile_m: int, gate_up: bool) -> int:
     must fit.
 
     Kernels with few accumulators take 4 blocks of 4 warps (128 registers:
-    more warps to hide latency), larger ones 3 (170); blocks of 8 warps 2
-    (128 registers).  H100, whole forward with the
+    more warps to hide latency), larger ones and warps of two row tiles 3
+    (170); blocks of 8 warps 2 (128 registers).  H100, whole forward with the
     session-6 kernels: T=64 (tile 8) 377 / 407 us at 4 / 5 blocks, T=128
     (tile 16) 446 / 518; T=512 (tile 32) gate / up 404 / 439 us at 3 / 4,
     down 359 / 324.  (Session 4: T=64 600 / 568 / 571 / 605 at 3 / 4 / 5 /
@@ -136,6 +158,8 @@ def min_blocks(tile_m: int, gate_up: bool) -> int:
     """
     if block_warps(tile_m, gate_up) == 8:
         return 2
+    if row_tiles(tile_m, gate_up) == 2:
+        return 3
     return 4 if tile_m <= 16 or (tile_m <= 32 and not gate_up) else 3
 
 
@@ -271,7 +295,7 @@ def rescaled(tile_m: int, gate_up: bool) -> bool:
     saves: T=512 (tile 32) gate/up 594 -> 637 us, T=4096 down 2763 -> 2890,
     T=64 (tile 8) gate/up 268 -> 290.
     """
-    return (2 if gate_up else 1) * tile_m // 8 * 4 >= 64
+    return (2 if gate_up else 1) * row_tiles(tile_m, gate_up) * tile_m // 8 * 4 >= 64
 
 
 def _source(q4: bool, tile_m: int, gate_up: bool, part_shift: int) -> str:
@@ -285,14 +309,16 @@ def _source(q4: bool, tile_m: int, gate_up: bool, part_shift: int) -> str:
     ntiles = tile_m // 8
     halves = range(2 if gate_up else 1)
     plane = [("wa", "wb", "wc", "wd"), ("va", "vb", "vc", "vd")]
-    hr = [(h, r) for h in halves for r in (0, 1)]
+    # a warp's row tiles: lane rows g + 8 r, r < 2 * tiles (tile m: r = 2m, 2m + 1)
+    tiles = range(row_tiles(tile_m, gate_up))
+    hr = [(h, r) for h in halves for r in range(2 * len(tiles))]
     lines = []
     emit = lines.append
     emit("""
 def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, cols,
            num_pairs, top_k, sorted_ids, block_expert, meta, pairs_by_token, out, row_fast):""")
     warps = block_warps(tile_m, gate_up)
-    emit(tile_head(tile_m, gate_up, True, part_shift, warps))
+    emit(tile_head(tile_m, gate_up, True, part_shift, warps, len(tiles)))
     emit(f"""    n_stages = n_steps // {st}
     # two stage buffers: the next stage copies in (cp.async) while this one computes
     xs = cuda.shared.array({2 * tile_m * xsw}, uint32)""")
@@ -346,15 +372,17 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
     # a row's first word of each stream (gate and up rows alike): the step's
     # offset is then int32 arithmetic shared by all rows
     for name, *_, words, first in streams:
-        for r in (0, 1):
+        for r in range(2 * len(tiles)):
             emit(f"    b{name}{r} = row{r} * nb * {words} + {first} + i")
 
     issue("    ", "0", "0")
     emit("    cp_async_commit()")
     for h in halves:
-        for n in range(ntiles):
-            for pre in ("c",) if rs else ("t", "c"):
-                emit("    " + " = ".join(f"{pre}{h}_{n}_{k}" for k in range(4)) + " = float32(0)")
+        for m in tiles:
+            for n in range(ntiles):
+                for pre in ("c",) if rs else ("t", "c"):
+                    emit("    " + " = ".join(f"{pre}{h}_{m}_{n}_{k}" for k in range(4))
+                         + " = float32(0)")
     if rs:
         # a row's accumulators hold its sum in units of D, the last nonzero block scale
         for h, r in hr:
@@ -397,8 +425,8 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                 f = D{h}{r} / d{h}{r}
                 D{h}{r} = d{h}{r}""")
         for n in range(ntiles):
-            for k in (2 * r, 2 * r + 1):
-                emit(f"            c{h}_{n}_{k} *= f")
+            for k in (2 * (r & 1), 2 * (r & 1) + 1):
+                emit(f"            c{h}_{r >> 1}_{n}_{k} *= f")
     # the stage's sub-block scales, one per byte (a zero-d block's zeroed
     # when rescaling): Q4_K sw, byte k sub-block (kq >> 1) + k; Q6_K, scale
     # byte kk of the block (step kk's) in word kk >> 2, as se = (sc & ~1) +
@@ -462,9 +490,11 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
             for b0, b1 in ((0, 1), (2, 3))[:n_b]:
                 for n in range(ntiles):
                     for h in halves:
-                        acc = ", ".join(f"c{h}_{n}_{k}" for k in range(4))
-                        frag = f"{pa}{h}0, {pa}{h}1, {qa}{h}0, {qa}{h}1"
-                        emit(f"{ind}{acc} = mma_f16({frag}, b{n}_{b0}, b{n}_{b1}, {acc})")
+                        for m in tiles:
+                            acc = ", ".join(f"c{h}_{m}_{n}_{k}" for k in range(4))
+                            ra, rb = 2 * m, 2 * m + 1
+                            frag = f"{pa}{h}{ra}, {pa}{h}{rb}, {qa}{h}{ra}, {qa}{h}{rb}"
+                            emit(f"{ind}{acc} = mma_f16({frag}, b{n}_{b0}, b{n}_{b1}, {acc})")
     if q4 or not rs:
         # end of a 256-column block: the minimums against the activations'
         # sums (Q4_K); without rescaling, the block's sums scaled into the
@@ -484,25 +514,29 @@ def kernel(wa, wb, wc, wd, va, vb, vc, vd, nb, n_steps, rows, hx, hsum, xsc, col
                 emit(f"{ind}so = (sbuf * {tile_m} + {8 * n} + g) * {SS} + 2 * i")
                 emit(f"{ind}sh = ss[so]\n{ind}sl = ss[so + 1]")
             for h in halves:
-                if q4:
-                    emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sh, 0, 0, 0, 0)")
-                    emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}0, am{h}1, sl, m0, m1, m2, m3)")
-                for k in range(4):
-                    r = k >> 1
-                    sub = f" - dz{h}{r} * m{k}" if q4 else ""
-                    if rs:
-                        emit(f"{ind}c{h}_{n}_{k} -= dz{h}{r} * m{k}")
-                    else:
-                        emit(f"{ind}t{h}_{n}_{k} += d{h}{r} * c{h}_{n}_{k}{sub}")
-                        emit(f"{ind}c{h}_{n}_{k} = float32(0)")
+                for m in tiles:
+                    ra, rb = 2 * m, 2 * m + 1
+                    if q4:
+                        emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}{ra}, am{h}{rb}, sh, "
+                             f"0, 0, 0, 0)")
+                        emit(f"{ind}m0, m1, m2, m3 = mma_f16_k8(am{h}{ra}, am{h}{rb}, sl, "
+                             f"m0, m1, m2, m3)")
+                    for k in range(4):
+                        r = 2 * m + (k >> 1)
+                        c = f"c{h}_{m}_{n}_{k}"
+                        sub = f" - dz{h}{r} * m{k}" if q4 else ""
+                        if rs:
+                            emit(f"{ind}{c} -= dz{h}{r} * m{k}")
+                        else:
+                            emit(f"{ind}t{h}_{m}_{n}_{k} += d{h}{r} * {c}{sub}")
+                            emit(f"{ind}{c} = float32(0)")
     emit("        cuda.syncthreads()")
-    for n in range(ntiles):
-        for k in range(4):
-            r = k >> 1
-            tok = f"{8 * n} + 2 * i + {k & 1}"
-            acc = [f"(D{h}{r} * c{h}_{n}_{k})" if rs else f"t{h}_{n}_{k}" for h in halves]
-            val = f"silu(sx * {acc[0]}) * (sx * {acc[1]})" if gate_up else f"sx * {acc[0]}"
-            emit(f"""    orow = orow_s[{tok}]
+    for n, m, k in ((n, m, k) for n in range(ntiles) for m in tiles for k in range(4)):
+        r = 2 * m + (k >> 1)
+        tok = f"{8 * n} + 2 * i + {k & 1}"
+        acc = [f"(D{h}{r} * c{h}_{m}_{n}_{k})" if rs else f"t{h}_{m}_{n}_{k}" for h in halves]
+        val = f"silu(sx * {acc[0]}) * (sx * {acc[1]})" if gate_up else f"sx * {acc[0]}"
+        emit(f"""    orow = orow_s[{tok}]
     if orow >= 0 and r{r} < rows:
         sx = xsc_s[{tok}]
         out[int64(orow) * rows + r{r}] = {val}""")

@@ -76,10 +76,10 @@ def mma_kernel(qi: QInfo, gate_up: bool, tile_m: int):
     return _cache[key]
 
 
-def mma_layout(rows: int, warps: int = WARPS):
+def mma_layout(rows: int, warps: int = WARPS, row_tiles: int = 1):
     """``(threads, n_blocks)`` of the launch for ``rows`` output rows, blocks
-    of ``warps`` warps (16 rows each)."""
-    return 32 * warps, -(-rows // (16 * warps))
+    of ``warps`` warps (``16 * row_tiles`` rows each)."""
+    return 32 * warps, -(-rows // (16 * row_tiles * warps))
 
 
 def row_blocks_fast(act_bytes: int) -> bool:
@@ -100,7 +100,7 @@ def row_blocks_fast(act_bytes: int) -> bool:
 
 
 def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0,
-              warps: int = WARPS) -> str:
+              warps: int = WARPS, row_tiles: int = 1) -> str:
     """Opening lines of a tensor-core kernel body (this one's and :mod:`.hmma`'s).
 
     The block's expert ``e`` (the block exits past the padded run; with
@@ -110,14 +110,17 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0,
     ``(g, i)``, each of its ``tile_m`` tokens' input row ``xrow_s`` and output
     row ``orow_s`` (-1: padding) in shared memory (with ``scales`` also the
     input row's ``xsc`` entry, ``xsc_s``), and the warp's weight rows ``r0``,
-    ``r1`` (global ``row0``, ``row1``), blocks of ``warps`` warps of 16 rows.
+    ``r1``, ... (global ``row0``, ``row1``, ...: rows ``g``, ``g + 8``, ``g +
+    16``, ... of the warp's), blocks of ``warps`` warps of ``16 * row_tiles``
+    rows.
 
     The grid is one-dimensional, ``m_blocks * n_blocks`` blocks; with
     ``row_fast`` block ``b`` takes row block ``b % n_blocks`` of token block
     ``b // n_blocks`` (see :func:`row_blocks_fast`), else token block ``b %
     m_blocks`` of row block ``b // m_blocks``.
     """
-    rows_b = 16 * warps
+    rows_w = 16 * row_tiles
+    rows_b = rows_w * warps
     src = f"""    nrb = (rows + {rows_b - 1}) // {rows_b}
     nmb = cuda.gridDim.x // nrb
     if row_fast:
@@ -153,13 +156,15 @@ def tile_head(tile_m: int, gate_up: bool, scales: bool, part_shift: int = 0,
     if scales:
         src += """
         xsc_s[m] = xsc[xr]"""
-    return src + f"""
+    src += f"""
     cuda.syncthreads()
-    r0 = rb * {rows_b} + (tid >> 5) * 16 + g
-    r1 = r0 + 8
-    # rows past the end read the last row (valid memory) and write nothing
-    row0 = int64(e) * rows + min(r0, rows - 1)
-    row1 = int64(e) * rows + min(r1, rows - 1)"""
+    r0 = rb * {rows_b} + (tid >> 5) * {rows_w} + g
+    # rows past the end read the last row (valid memory) and write nothing"""
+    for r in range(1, 2 * row_tiles):
+        src += f"\n    r{r} = r0 + {8 * r}"
+    for r in range(2 * row_tiles):
+        src += f"\n    row{r} = int64(e) * rows + min(r{r}, rows - 1)"
+    return src
 
 
 def _source(tile_m: int, gate_up: bool, center: int) -> str:
