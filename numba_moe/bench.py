@@ -89,9 +89,9 @@ class CacheFlush:
     between timings: calling the object enqueues it.
 
     Replaying one forward on one input leaves that input's experts in L2
-    for the next replay (an H100 holds 50 MB: all of a Qwen3-30B-A3B
-    layer's experts up to a few tokens), which a model's next layer,
-    whose weights are others, never finds.  The default 256 MB is over
+    for the next replay (an H100's holds 50 MB: the experts of one or two
+    tokens of a Qwen3-30B-A3B layer), which a model's next layer, whose
+    weights are others, never finds.  The default 256 MB is over
     twice the L2 of any current NVIDIA GPU.
     """
 

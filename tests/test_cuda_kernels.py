@@ -495,7 +495,8 @@ def test_fp16_down_blocks_of_eight_warps(monkeypatch):
     _check_down_eight_warps(8, monkeypatch)
 
 
-def test_fp16_down_small_tiles_two_row_tiles(monkeypatch):
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_K], ids=lambda q: q.name)
+def test_fp16_down_small_tiles_two_row_tiles(qtype, monkeypatch):
     # down projections with 8- and 16-token tiles: warps of two 16-row tiles,
     # 128 rows a block of 4 warps.  144 rows make a full row block and one
     # of 16 rows, whose warp reads rows past the end in its second tile; 5
@@ -513,7 +514,7 @@ def test_fp16_down_small_tiles_two_row_tiles(monkeypatch):
     built = []
     make = matmul.hmma_kernel
     monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
-    _check_gemm(Q.Q6_K, "tiled", False, 2, 144, 256, 5, 1, seed=15)
+    _check_gemm(qtype, "tiled", False, 2, 144, 256, 5, 1, seed=15)
     assert built == [(8, 0)]
 
 

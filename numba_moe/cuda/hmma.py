@@ -123,7 +123,7 @@ def row_tiles(tile_m: int, gate_up: bool) -> int:
 
     Each 16-byte shared load of a token tile's activations then feeds the
     products of both row tiles.  Offline ptxas (sm_90, 3 blocks of 4
-    warps): 167-168 registers, no spills.  H100, Qwen3-30B-A3B layer, one
+    warps): 167-168 registers for Q6_K, 162 for Q4_K, no spills.  H100, Qwen3-30B-A3B layer, one
     process, three rounds, down phase / whole forward, 1 / 2 row tiles:
     T=32 (tiles of 8) 76.4 / 68.6 us, 322-323 / 307-308; T=64 (8) 122.4 /
     112.6, 324-325 / 314-315; T=96 (16) 173.3 / 145.6, 417-424 / 393-394;
