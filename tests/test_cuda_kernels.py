@@ -466,56 +466,47 @@ def test_fp16_down_takes_plan_blocks_in_parts(monkeypatch):
     assert built == [(8, 1)]
 
 
-def _check_down_eight_warps(tile, monkeypatch):
+def _check_down_rows_144(qtype, tile, launch, seed, monkeypatch):
     # 144 rows make a full row block of 128 and a partial one; 5 pairs on 2
     # experts fill the token blocks partly.  A row or token taken twice or
-    # never leaves NaN poison or a wrong row.
+    # never leaves NaN poison or a wrong row.  ``launch``: the (threads, row
+    # blocks) the kernel must get.
     import numba_moe.cuda.hmma as hmma
     import numba_moe.cuda.matmul as matmul
 
-    # the launch the kernel gets: 256 threads, two row blocks
-    assert hmma.hmma_layout(144, tile, False) == (256, 2)
+    assert hmma.hmma_layout(144, tile, False) == launch
     monkeypatch.setattr(CUDA_LAUNCH, "tile_m", tile)
     monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", tile)
     built = []
     make = matmul.hmma_kernel
     monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
-    _check_gemm(Q.Q6_K, "tiled", False, 2, 144, 256, 5, 1, seed=14)
+    _check_gemm(qtype, "tiled", False, 2, 144, 256, 5, 1, seed=seed)
     assert built == [(tile, 0)]
 
 
 def test_fp16_down_blocks_of_eight_warps(monkeypatch):
-    # blocks of 8 warps (what down projections with 32-token tiles take), here
-    # on 8-token tiles: the simulator runs 32-token ones too slowly
+    # blocks of 8 warps of one row tile (what down projections with 32-token
+    # tiles take), here on 8-token tiles: the simulator runs 32-token ones
+    # too slowly
     import numba_moe.cuda.hmma as hmma
 
     monkeypatch.setattr(hmma, "_cache", {})
     monkeypatch.setattr(hmma, "block_warps", lambda tile_m, gate_up: 4 if gate_up else 8)
     monkeypatch.setattr(hmma, "row_tiles", lambda tile_m, gate_up: 1)
-    _check_down_eight_warps(8, monkeypatch)
+    _check_down_rows_144(Q.Q6_K, 8, (256, 2), 14, monkeypatch)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_K], ids=lambda q: q.name)
 def test_fp16_down_small_tiles_two_row_tiles(qtype, monkeypatch):
-    # down projections with 8- and 16-token tiles: warps of two 16-row tiles,
-    # 128 rows a block of 4 warps.  144 rows make a full row block and one
-    # of 16 rows, whose warp reads rows past the end in its second tile; 5
-    # pairs on 2 experts fill the token blocks partly.  A row or token taken
-    # twice or never leaves NaN poison or a wrong row.
+    # down projections with 8- and 16-token tiles: 4 warps of two 16-row
+    # tiles, 128 rows a block; the partial block's warp reads rows past the
+    # end in its second tile
     import numba_moe.cuda.hmma as hmma
-    import numba_moe.cuda.matmul as matmul
 
     assert [hmma.row_tiles(t, False) for t in (8, 16, 32)] == [2, 2, 1]
     assert hmma.row_tiles(8, True) == hmma.row_tiles(16, True) == 1
-    assert hmma.hmma_layout(144, 8, False) == (128, 2)
     assert hmma.min_blocks(8, False) == 3
-    monkeypatch.setattr(CUDA_LAUNCH, "tile_m", 8)
-    monkeypatch.setattr(CUDA_LAUNCH, "hmma_down_tile_m", 8)
-    built = []
-    make = matmul.hmma_kernel
-    monkeypatch.setattr(matmul, "hmma_kernel", lambda *a: built.append(a[2:]) or make(*a))
-    _check_gemm(qtype, "tiled", False, 2, 144, 256, 5, 1, seed=15)
-    assert built == [(8, 0)]
+    _check_down_rows_144(qtype, 8, (128, 2), 15, monkeypatch)
 
 
 @gpu_only
@@ -525,7 +516,7 @@ def test_fp16_down_32_token_tiles_take_eight_warps(monkeypatch):
 
     assert hmma.block_warps(32, False) == 8 and hmma.block_warps(16, False) == 4
     assert hmma.block_warps(32, True) == 4
-    _check_down_eight_warps(32, monkeypatch)
+    _check_down_rows_144(Q.Q6_K, 32, (256, 2), 14, monkeypatch)
 
 
 def test_down_parts_only_by_powers_of_two(monkeypatch):
