@@ -123,15 +123,15 @@ def row_tiles(tile_m: int, gate_up: bool) -> int:
 
     Each 16-byte shared load of a token tile's activations then feeds the
     products of both row tiles.  Offline ptxas (sm_90, 3 blocks of 4
-    warps): 167-168 registers for Q6_K, 162 for Q4_K, no spills.  H100, Qwen3-30B-A3B layer, one
-    process, three rounds, down phase / whole forward, 1 / 2 row tiles:
-    T=32 (tiles of 8) 76.4 / 68.6 us, 322-323 / 307-308; T=64 (8) 122.4 /
-    112.6, 324-325 / 314-315; T=96 (16) 173.3 / 145.6, 417-424 / 393-394;
-    T=128 (16) 191.4 / 163.3, 393-395 / 379-391.  Slower elsewhere: the
-    down projection with 32-token tiles (its 8-warp blocks, T=512 down
-    phase 310 / 317-335 us) and gate / up kernels, whose two row tiles hold
-    twice the accumulators and spill (T=64 gate / up 143 / 146 us, T=512
-    429 / 469).
+    warps): 167-168 registers for Q6_K, 162 for Q4_K, no spills.  H100,
+    Qwen3-30B-A3B layer, one process, three rounds, down phase / whole
+    forward, 1 / 2 row tiles: T=32 (tiles of 8) 76.4 / 68.6 us, 322-323 /
+    307-308; T=64 (8) 122.4 / 112.6, 324-325 / 314-315; T=96 (16) 173.3 /
+    145.6, 417-424 / 393-394; T=128 (16) 191.4 / 163.3, 393-395 / 379-391.
+    Slower elsewhere: the down projection with 32-token tiles (T=512 down
+    phase 310 us; two row tiles in 4 warps 317, in 8 warps 335) and the
+    gate / up kernel, whose two row tiles hold twice the accumulators and
+    spill (gate / up phase T=64 143 / 146 us, T=512 429 / 469).
     """
     return 2 if not gate_up and tile_m <= 16 else 1
 
